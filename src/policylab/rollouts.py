@@ -1,0 +1,180 @@
+"""The objects that travel between pipeline stages (design.md §Contracts).
+
+``Rollouts`` is the one container passed from sampler to optimizer: tensors with a leading batch
+dimension B (one row per completion) plus per-row Python metadata. Stages read what earlier stages
+wrote and add their own fields; they never keep private side channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Rollouts:
+    """G completions for each of several prompts.
+
+    Shapes: B completions, P prompt positions (left padded), T completion positions (right padded).
+    ``completion_mask`` is 1 on tokens the policy produced and is trained on, 0 on padding and on
+    environment/tool tokens. ``group`` is the prompt index; rows of a group need not be contiguous.
+    """
+
+    prompt_ids: Tensor  # [B,P] long, left padded
+    prompt_mask: Tensor  # [B,P] 1 = real prompt token
+    completion_ids: Tensor  # [B,T] long, right padded
+    completion_mask: Tensor  # [B,T] float 0/1
+    group: Tensor  # [B] long prompt index
+    truncated: Tensor  # [B] bool: hit max_new_tokens without EOS
+    prompts: list[str] = field(default_factory=list)  # [B] prompt text as given to the model
+    completions: list[str] = field(default_factory=list)  # [B] decoded completion text
+    rows: list[dict[str, Any]] = field(default_factory=list)  # [B] task row (answer, metadata, extras)
+    rewards: Tensor | None = None  # [B] float; NaN where the reward failed
+    reward_components: dict[str, Tensor] = field(default_factory=dict)  # name -> [B] (unweighted)
+    behavior_logp: Tensor | None = None  # [B,T] log-probs of the sampling policy
+    old_logp: Tensor | None = None  # [B,T] log-probs of the policy before this batch's updates
+    ref_logp: Tensor | None = None  # [B,T] log-probs of the frozen reference policy
+    entropy: Tensor | None = None  # [B,T] token entropy at collection time
+    advantages: Tensor | None = None  # [B] or [B,T]
+    extras: dict[str, Any] = field(default_factory=dict)  # stage-specific tensors [B,...] or values
+
+    def __post_init__(self):
+        b = self.completion_ids.shape[0]
+        for name in ("prompt_ids", "prompt_mask", "completion_mask", "group", "truncated"):
+            t = getattr(self, name)
+            if t.shape[0] != b:
+                raise ValueError(f"Rollouts.{name} has batch size {t.shape[0]}, completion_ids has {b}")
+        if self.completion_mask.shape != self.completion_ids.shape:
+            raise ValueError("Rollouts.completion_mask must have the shape of completion_ids")
+
+    # -- shape helpers -------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def lengths(self) -> Tensor:
+        """[B] number of trained tokens per completion."""
+        return self.completion_mask.sum(-1)
+
+    @property
+    def num_groups(self) -> int:
+        return int(torch.unique(self.group).numel())
+
+    def seq_advantages(self) -> Tensor:
+        """Advantages broadcast to [B,T] (zeros on masked positions)."""
+        if self.advantages is None:
+            raise ValueError("advantages have not been computed yet")
+        adv = self.advantages
+        if adv.dim() == 1:
+            adv = adv[:, None].expand_as(self.completion_mask)
+        return adv * self.completion_mask
+
+    # -- selection and concatenation -----------------------------------------------------------
+    def select(self, index: Tensor | list[int]) -> "Rollouts":
+        """Rows ``index`` (a list, long tensor or bool mask) as a new Rollouts."""
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:
+            index = index.nonzero().flatten()
+        idx = index.tolist()
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = _take(value, index, idx, self.batch_size)
+        return Rollouts(**out)
+
+    @staticmethod
+    def concat(parts: list["Rollouts"]) -> "Rollouts":
+        """Stack several Rollouts along the batch, padding prompt (left) and completion (right)."""
+        if len(parts) == 1:
+            return parts[0]
+        out = {}
+        for f in fields(Rollouts):
+            values = [getattr(p, f.name) for p in parts]
+            if f.name in ("prompt_ids", "prompt_mask"):
+                out[f.name] = _cat_padded(values, left=True)
+            elif isinstance(values[0], Tensor) or values[0] is None:
+                if any(v is None for v in values):
+                    out[f.name] = None
+                else:
+                    out[f.name] = _cat_padded(values, left=False)
+            elif isinstance(values[0], list):
+                out[f.name] = [x for v in values for x in v]
+            elif isinstance(values[0], dict):
+                keys = set(values[0])
+                merged = {}
+                for k in keys:
+                    vs = [v.get(k) for v in values]
+                    if all(isinstance(x, Tensor) and x.dim() > 0 for x in vs):
+                        merged[k] = _cat_padded(vs, left=False)
+                    elif all(isinstance(x, list) for x in vs):
+                        merged[k] = [y for x in vs for y in x]
+                    else:
+                        merged[k] = vs[0]
+                out[f.name] = merged
+        return Rollouts(**out)
+
+    def with_(self, **changes) -> "Rollouts":
+        return replace(self, **changes)
+
+
+def _take(value, index: Tensor, idx: list[int], batch: int):
+    if isinstance(value, Tensor):
+        return value[index.to(value.device)] if value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, list) and len(value) == batch:
+        return [value[i] for i in idx]
+    if isinstance(value, dict):
+        return {k: _take(v, index, idx, batch) for k, v in value.items()}
+    return value
+
+
+def _cat_padded(tensors: list[Tensor], left: bool) -> Tensor:
+    if tensors[0].dim() <= 1:
+        return torch.cat(tensors)
+    width = max(t.shape[1] for t in tensors)
+    padded = []
+    for t in tensors:
+        gap = width - t.shape[1]
+        if gap:
+            pad = torch.zeros(t.shape[0], gap, *t.shape[2:], dtype=t.dtype, device=t.device)
+            t = torch.cat([pad, t] if left else [t, pad], dim=1)
+        padded.append(t)
+    return torch.cat(padded)
+
+
+@dataclass
+class PolicyOutputs:
+    """What the training forward pass yields for one micro-batch, over completion positions only."""
+
+    logp: Tensor  # [B,T] log pi_theta(y_t | ...), requires grad
+    entropy: Tensor | None = None  # [B,T] token entropy (differentiable when requested)
+    hidden: Tensor | None = None  # [B,T,H] last hidden states, when a component asked for them
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """Global counts of one optimizer mini-batch, so micro-batch losses sum to the full-batch loss.
+
+    num_tokens: trained tokens in the whole mini-batch (across micro-batches and ranks);
+    num_seqs: sequences with at least one trained token; batch_size: all sequences;
+    max_len: the constant length normaliser of seq-mean-token-sum-norm (never the batch max).
+    """
+
+    num_tokens: float
+    num_seqs: float
+    batch_size: float
+    max_len: float
+
+    @staticmethod
+    def of(mask: Tensor, max_len: float) -> "Normaliser":
+        lengths = mask.sum(-1)
+        return Normaliser(
+            num_tokens=float(mask.sum().clamp(min=1)),
+            num_seqs=float((lengths > 0).sum().clamp(min=1)),
+            batch_size=float(mask.shape[0]),
+            max_len=float(max_len),
+        )
