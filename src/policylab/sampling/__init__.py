@@ -1,0 +1,1 @@
+"""Prompt samplers, group filters, curricula and prompt transforms."""
