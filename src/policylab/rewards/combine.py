@@ -1,0 +1,63 @@
+"""Weighted combination of named reward functions; a failing function never crashes training.
+
+A reward that raises or returns None (or NaN) marks that sample's total reward NaN: the advantage
+stage leaves it out of its group's baseline and gives it a zero advantage; it is counted in
+``reward/failed``. ``accuracy`` is the first reward component read as correct (> 0.5).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from policylab import registry
+
+
+@dataclass
+class NamedReward:
+    name: str
+    weight: float
+    fn: Callable[..., float | None]
+
+
+class RewardCombiner:
+    def __init__(self, specs):
+        self.rewards: list[NamedReward] = []
+        for i, spec in enumerate(specs):
+            params = dict(spec.params)
+            weight = float(params.pop("weight", 1.0))
+            fn = registry.build("reward", spec.name, params, where=f"rewards.{i}")
+            self.rewards.append(NamedReward(spec.name, weight, fn))
+        self.failures_logged = 0
+
+    def score_one(self, reward: NamedReward, prompt: str, completion: str, row: dict) -> float:
+        try:
+            value = reward.fn(prompt, completion, row)
+        except Exception as err:  # a reward bug must cost one sample, not the run
+            if self.failures_logged < 5:
+                warnings.warn(f"reward {reward.name!r} raised {type(err).__name__}: {err}", stacklevel=2)
+                self.failures_logged += 1
+            return math.nan
+        if value is None:
+            return math.nan
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return math.nan
+
+    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        components: dict[str, torch.Tensor] = {}
+        total = torch.zeros(len(completions), dtype=torch.float32)
+        for reward in self.rewards:
+            values = torch.tensor([self.score_one(reward, p, c, r) for p, c, r in zip(prompts, completions, rows)],
+                                  dtype=torch.float32)
+            key = reward.name if reward.name not in components else f"{reward.name}_{len(components)}"
+            components[key] = values
+            total = total + reward.weight * values  # NaN propagates: any failed component fails the sample
+        first = next(iter(components.values()))
+        components["accuracy"] = torch.where(torch.isnan(first), first, (first > 0.5).float())
+        return total, components

@@ -1,0 +1,1 @@
+"""Generation engines behind one interface: ``engine.generate(model, tokenizer, rows, settings) -> Rollouts``."""

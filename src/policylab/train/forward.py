@@ -1,0 +1,78 @@
+"""The training forward: log-probs and entropies over completion positions only, computed in chunks.
+
+Logits are never formed for prompt positions, and the vocabulary projection runs chunk by chunk
+under activation checkpointing, so no [B,T,V] fp32 tensor is ever held (design: update step).
+Position ids follow the left padding exactly as generate() built them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from policylab.rollouts import PolicyOutputs, Rollouts
+
+
+def _logp_entropy_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, temperature: float):
+    logits = F.linear(hidden, weight, bias).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_z = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - log_z
+    probs = torch.exp(logits - log_z[..., None])
+    entropy = log_z - (probs * logits).sum(-1)
+    return logp, entropy
+
+
+def completion_logp(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, *, temperature: float = 1.0,
+    chunk: int = 128, checkpoint_chunks: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp [B,T], entropy [B,T]) of ``targets`` from hidden states [B,T,H] that predict them."""
+    logps, entropies = [], []
+    for start in range(0, targets.shape[1], chunk):
+        h, y = hidden[:, start:start + chunk], targets[:, start:start + chunk]
+        if checkpoint_chunks and torch.is_grad_enabled():
+            lp, ent = checkpoint(_logp_entropy_chunk, h, lm_head.weight, lm_head.bias, y, temperature, use_reentrant=False)
+        else:
+            lp, ent = _logp_entropy_chunk(h, lm_head.weight, lm_head.bias, y, temperature)
+        logps.append(lp)
+        entropies.append(ent)
+    return torch.cat(logps, dim=1), torch.cat(entropies, dim=1)
+
+
+def trim(batch: Rollouts) -> Rollouts:
+    """Drop all-padding columns: prompt columns padded in every row (left) and completion columns after
+    the longest completion (right). Makes a micro-batch only as wide as its own rows need."""
+    prompt_keep = batch.prompt_mask.sum(0) > 0
+    first = int(prompt_keep.nonzero().min()) if prompt_keep.any() else batch.prompt_mask.shape[1] - 1
+    width = int(batch.completion_mask.sum(-1).max()) if batch.batch_size else 0
+    width = max(width, 1)
+    out = batch.with_(prompt_ids=batch.prompt_ids[:, first:], prompt_mask=batch.prompt_mask[:, first:])
+    for name in ("completion_ids", "completion_mask", "behavior_logp", "old_logp", "ref_logp", "entropy"):
+        value = getattr(out, name)
+        if value is not None:
+            out = out.with_(**{name: value[:, :width]})
+    if out.advantages is not None and out.advantages.dim() == 2:
+        out = out.with_(advantages=out.advantages[:, :width])
+    extras = {k: (v[:, :width] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == batch.completion_ids.shape[1]
+                  and v.shape[0] == batch.batch_size else v) for k, v in out.extras.items()}
+    return out.with_(extras=extras)
+
+
+def policy_forward(model, batch: Rollouts, *, temperature: float = 1.0, chunk: int = 128, with_hidden: bool = False,
+                   checkpoint_chunks: bool = True) -> PolicyOutputs:
+    """Run the causal LM over prompt+completion and score the completion tokens."""
+    device = next(model.parameters()).device
+    prompt_len = batch.prompt_ids.shape[1]
+    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1).to(device)
+    attention = torch.cat([batch.prompt_mask.to(batch.completion_mask.dtype), batch.completion_mask], dim=1).to(device)
+    position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    hidden = base(input_ids=input_ids, attention_mask=attention.long(), position_ids=position_ids, use_cache=False).last_hidden_state
+    # the hidden state at position p predicts token p+1: completion token t is predicted at prompt_len-1+t
+    completion_hidden = hidden[:, prompt_len - 1: prompt_len - 1 + batch.completion_ids.shape[1]]
+    logp, entropy = completion_logp(completion_hidden, model.get_output_embeddings(), batch.completion_ids.to(device),
+                                    temperature=temperature, chunk=chunk, checkpoint_chunks=checkpoint_chunks)
+    return PolicyOutputs(logp=logp, entropy=entropy, hidden=completion_hidden if with_hidden else None)

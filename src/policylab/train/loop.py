@@ -1,0 +1,347 @@
+"""The training loop: sample prompts -> generate -> reward -> filter -> advantages -> update -> log.
+
+It knows component kinds and hooks, never method names. ``train()`` is the public entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from policylab import models, registry
+from policylab.config import Recipe, load_recipe, recipe_to_dict
+from policylab.rollout.hf import SamplingSettings
+from policylab.rollouts import PolicyOutputs, Rollouts
+from policylab.tasks import Task
+from policylab.train import checkpoint
+from policylab.train.components import Components, build_components, hook, needs_reference
+from policylab.train.context import TrainContext
+from policylab.train.forward import policy_forward
+from policylab.train.logging import RunLogger, batch_metrics, peak_memory_mib
+from policylab.train.update import NonFiniteStep, micro_batches, update_on_batch
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (every reward failed, repeated non-finite steps, no informative groups)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{recipe.name}-{Path(recipe.model.name).name}-{stamp}"
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, run_dir: Path, resume: bool = False):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.device = resolve_device(recipe.train.device)
+        self.step = 0
+        self.bad_steps_in_row = 0
+        seed_everything(recipe.train.seed)
+        self.task: Task = registry.build("task", recipe.task.name, recipe.task.params, where="task")()
+        self.parts: Components = build_components(recipe)
+        self.parts.sampler.bind(len(self.task.train), seed=recipe.train.seed)
+        m = recipe.model
+        self.model, self.tokenizer = models.load(m.name, m.dtype, self.device, tiny=m.tiny, seed=recipe.train.seed)
+        if m.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
+        self.ref_model = None
+        if any(needs_reference(c) for _, c in self.parts.all()):
+            self.ref_model, _ = models.load(m.name, m.dtype, self.device, tiny=m.tiny, seed=recipe.train.seed)
+            self.ref_model.eval().requires_grad_(False)
+        opt = recipe.optimizer
+        opt_cls = registry.get("optimizer", opt.name).target
+        self.optimizer = opt_cls([p for p in self.model.parameters() if p.requires_grad], **opt.params)
+        warmup = recipe.train.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.update_generator = torch.Generator().manual_seed(recipe.train.seed + 1)
+        r = recipe.rollout
+        self.sampling = SamplingSettings(r.group_size, r.temperature, r.top_p, r.top_k, r.max_new_tokens, r.generation_batch_size)
+        self.ctx = TrainContext(self.model, self.tokenizer, self.ref_model, self.device, config=recipe,
+                                score=self.score, generate=self.generate_for)
+        self.logger = RunLogger(self.run_dir, progress=recipe.train.progress, total_steps=recipe.train.steps)
+        if resume:
+            self._resume()
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+    # -- scoring and generation services for components ------------------------------------------
+    @torch.no_grad()
+    def score(self, rollouts: Rollouts, model=None, with_hidden: bool = False) -> PolicyOutputs:
+        """No-grad log-probs/entropies (and hidden states) of ``rollouts`` under ``model`` (default: policy)."""
+        model = model or self.model
+        size = self.recipe.train.micro_batch_size
+        outs = []
+        order = torch.argsort(rollouts.prompt_mask.sum(-1) + rollouts.completion_mask.sum(-1), stable=True)
+        for i, micro in enumerate(micro_batches(rollouts, size)):
+            outs.append((order[i * size:(i + 1) * size], policy_forward(model, micro, temperature=self._temperature(),
+                                                                        chunk=self.recipe.train.logprob_chunk,
+                                                                        with_hidden=with_hidden, checkpoint_chunks=False)))
+        width = rollouts.completion_ids.shape[1]
+        logp = torch.zeros(rollouts.batch_size, width)
+        entropy = torch.zeros(rollouts.batch_size, width)
+        hidden = None
+        for rows, out in outs:
+            t = out.logp.shape[1]
+            logp[rows, :t] = out.logp.float().cpu()
+            entropy[rows, :t] = out.entropy.float().cpu()
+            if with_hidden:
+                if hidden is None:
+                    hidden = torch.zeros(rollouts.batch_size, width, out.hidden.shape[-1])
+                hidden[rows, :t] = out.hidden.float().cpu()
+        mask = rollouts.completion_mask
+        return PolicyOutputs(logp=logp * mask, entropy=entropy * mask, hidden=hidden)
+
+    def generate_for(self, rows: list[dict], **overrides) -> Rollouts:
+        settings = SamplingSettings(**{**self.sampling.__dict__, **overrides})
+        return self.parts.engine.generate(self.model, self.tokenizer, rows, settings)
+
+    def _temperature(self) -> float:
+        t = self.recipe.rollout.temperature
+        return t if t > 0 else 1.0
+
+    # -- one step --------------------------------------------------------------------------------
+    def score_rewards(self, rollouts: Rollouts) -> dict[str, float]:
+        rewards, components = self.parts.rewards(rollouts.prompts, rollouts.completions, rollouts.rows)
+        rollouts.rewards, rollouts.reward_components = rewards, components
+        rollouts.extras["max_new_tokens"] = self.sampling.max_new_tokens
+        metrics: dict[str, float] = {}
+        for shaping in self.parts.reward_shaping:
+            delta, shaping_metrics = shaping(rollouts)
+            rollouts.rewards = rollouts.rewards + delta
+            metrics.update({k: float(v) for k, v in shaping_metrics.items()})
+        return metrics
+
+    def collect(self) -> tuple[Rollouts, dict[str, float]]:
+        """Generate and score one batch; with a group filter, keep generating until enough groups survive
+        (DAPO dynamic sampling, data_agents_eval.md A1)."""
+        cfg, rollout_cfg = self.recipe.train, self.recipe.rollout
+        metrics: dict[str, float] = {}
+        kept: list[Rollouts] = []
+        kept_groups, rounds, dropped, seen_groups, next_group = 0, 0, 0, 0, 0
+        while True:
+            n = (rollout_cfg.gen_prompts_per_round or cfg.prompts_per_step) if self.parts.group_filter else cfg.prompts_per_step
+            rows = [self.task.train[i] for i in self.parts.sampler.next_batch(n)]
+            t0 = time.perf_counter()
+            batch = self.parts.engine.generate(self.model, self.tokenizer, rows, self.sampling, group_offset=next_group)
+            metrics["time/generate_s"] = metrics.get("time/generate_s", 0.0) + time.perf_counter() - t0
+            next_group += len(rows)
+            t0 = time.perf_counter()
+            metrics.update(self.score_rewards(batch))
+            metrics["time/reward_s"] = metrics.get("time/reward_s", 0.0) + time.perf_counter() - t0
+            if torch.isnan(batch.rewards).all():
+                raise TrainingError("every reward in the batch failed (reward functions raised or returned None); "
+                                    "see the warnings above for the first errors")
+            rounds += 1
+            seen_groups += len(rows)
+            if self.parts.group_filter is None:
+                metrics["groups/filtered_frac"] = 0.0
+                return batch, metrics
+            keep_group = self.parts.group_filter(batch)
+            unique_groups = torch.unique(batch.group)
+            survivors = unique_groups[keep_group]
+            dropped += int((~keep_group).sum())
+            kept.append(batch.select(torch.isin(batch.group, survivors)))
+            kept_groups += int(survivors.numel())
+            if kept_groups >= cfg.prompts_per_step:
+                merged = Rollouts.concat(kept)
+                first_groups = torch.unique_consecutive(merged.group)[: cfg.prompts_per_step]
+                merged = merged.select(torch.isin(merged.group, first_groups))
+                merged.extras["max_new_tokens"] = self.sampling.max_new_tokens
+                metrics.update({"groups/filtered_frac": dropped / seen_groups, "groups/gen_rounds": float(rounds)})
+                return merged, metrics
+            if 0 < rollout_cfg.max_gen_batches <= rounds:
+                raise TrainingError(
+                    f"dynamic sampling: only {kept_groups} of {cfg.prompts_per_step} prompt groups had non-identical "
+                    f"rewards after {rounds} generation rounds (rollout.max_gen_batches); the data is too hard or too "
+                    "easy for the model — raise rollout.max_gen_batches or change the task")
+
+    def prepare(self, batch: Rollouts) -> Rollouts:
+        if self.recipe.algorithm.mask_truncated:
+            batch.completion_mask = batch.completion_mask * (~batch.truncated)[:, None].float()
+        for _, component in self.parts.with_hook("prepare"):
+            batch = hook(component, "prepare")(batch, self.ctx)
+        if self.ref_model is not None:
+            batch.ref_logp = self.score(batch, model=self.ref_model).logp
+        cfg = self.recipe.train
+        if cfg.updates_per_batch > 1 or cfg.mini_batches > 1:
+            # off-policy after the first optimizer step: freeze the pre-update log-probs
+            batch.old_logp = self.score(batch).logp
+        batch.advantages = self.parts.advantage(batch)
+        return batch
+
+    def train_step(self) -> dict[str, Any]:
+        t_step = time.perf_counter()
+        cfg = self.recipe.train
+        batch, metrics = self.collect()
+        batch = self.prepare(batch)
+        t0 = time.perf_counter()
+        parts = self.parts.update
+        try:
+            update_metrics = update_on_batch(
+                self.model, self.optimizer, self.scheduler, batch, parts, mini_batches=cfg.mini_batches,
+                updates=cfg.updates_per_batch, micro_size=cfg.micro_batch_size, max_len=self.sampling.max_new_tokens,
+                grad_clip=cfg.grad_clip, temperature=self._temperature(), chunk=cfg.logprob_chunk,
+                generator=self.update_generator)
+            self.bad_steps_in_row = 0
+        except NonFiniteStep as err:
+            self.bad_steps_in_row += 1
+            update_metrics = {"skipped_nonfinite": 1.0}
+            self.logger.warn(f"step {self.step + 1}: {err}; step skipped ({self.bad_steps_in_row} in a row)")
+        metrics["time/update_s"] = time.perf_counter() - t0
+        metrics.update(update_metrics)
+        for _, component in self.parts.with_hook("after_step"):
+            hook(component, "after_step")(metrics)
+        self.step += 1
+        metrics.update(batch_metrics(batch))
+        step_s = time.perf_counter() - t_step
+        metrics["time/step_s"] = step_s
+        metrics["tokens_per_s"] = float(batch.completion_mask.sum()) / step_s
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["memory/peak_mib"] = peak_memory_mib(self.device)
+        metrics["step"] = self.step
+        self.logger.log_step(self.step, metrics, batch, cfg.log_samples)
+        if self.bad_steps_in_row >= cfg.max_bad_steps:
+            raise TrainingError(f"{self.bad_steps_in_row} consecutive steps had a non-finite loss or gradient; "
+                                "stopping (lower the learning rate or check the recipe)")
+        return metrics
+
+    # -- eval, checkpoint, resume ---------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        cfg = self.recipe.train
+        rows = self.task.eval[: cfg.eval_size]
+        if not rows:
+            return {}
+        settings = SamplingSettings(1, 0.0, 1.0, 0, cfg.eval_max_new_tokens or self.sampling.max_new_tokens,
+                                    self.sampling.batch_size)
+        state = torch.get_rng_state()  # greedy eval must not move the sampling RNG stream
+        batch = self.parts.engine.generate(self.model, self.tokenizer, rows, settings)
+        torch.set_rng_state(state)
+        _, components = self.parts.rewards(batch.prompts, batch.completions, batch.rows)
+        acc = components["accuracy"]
+        return {"eval/accuracy": float(torch.nan_to_num(acc, nan=0.0).mean()), "eval/n": float(len(rows)),
+                "eval/completion_length": float(batch.completion_mask.sum(-1).float().mean())}
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": checkpoint.rng_state(), "update_generator": self.update_generator.get_state(),
+                "components": self.parts.state_dict(), "bad_steps_in_row": self.bad_steps_in_row}
+
+    def save(self) -> Path:
+        return checkpoint.save(self.run_dir, self.step, self.model, self.tokenizer, self.trainer_state())
+
+    def _resume(self) -> None:
+        path = checkpoint.latest(self.run_dir)
+        if path is None:
+            raise TrainingError(f"--resume {self.run_dir}: no checkpoint found under {self.run_dir / 'checkpoints'}")
+        from safetensors.torch import load_file
+
+        weights = {}
+        for f in sorted(path.glob("*.safetensors")):
+            weights.update(load_file(f))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise TrainingError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.model.tie_weights()
+        state = checkpoint.load_trainer_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.update_generator.set_state(state["update_generator"])
+        self.parts.load_state_dict(state["components"])
+        self.bad_steps_in_row = state.get("bad_steps_in_row", 0)
+        self.step = state["step"]
+        checkpoint.set_rng_state(state["rng"])
+        self.logger.truncate_after(self.step)
+
+    def run(self) -> Path:
+        cfg = self.recipe.train
+        self.logger.start(self.step)
+        try:
+            while self.step < cfg.steps:
+                self.train_step()
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self.logger.log_eval(self.step, self.evaluate())
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
+            if cfg.eval_size:
+                self.logger.log_eval(self.step, self.evaluate())
+            self.save()
+        finally:
+            self.logger.close()
+        return self.run_dir
+
+
+def _as_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Accept nested dicts, dotted keys, or '__' for dots (train_steps is not ambiguous: train__steps)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict) and not ("name" in value and prefix.count(".") >= 1):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = value
+
+    for key, value in overrides.items():
+        walk(key.replace("__", "."), value)
+    return flat
+
+
+SHORTCUTS = {"model": "model.name", "task": "task.name", "steps": "train.steps", "seed": "train.seed"}
+
+
+def train(recipe: str | Recipe = "grpo", *, run_dir: str | Path | None = None, resume: bool = False, **overrides) -> Path:
+    """Train with a recipe (name, YAML path or Recipe). Overrides: dotted keys (``**{"train.steps": 3}``),
+    ``train__steps=3``, nested dicts, or the shortcuts model=, task=, steps=, seed=. Returns the run directory."""
+    flat = {SHORTCUTS.get(k, k): v for k, v in _as_overrides(overrides).items()}
+    if "task.name" in flat and str(flat["task.name"]).endswith((".jsonl", ".parquet", ".json")):
+        flat["task"] = {"name": "file", "path": flat.pop("task.name")}
+    if resume:
+        if run_dir is None:
+            raise TrainingError("resume needs the run directory")
+        saved = Path(run_dir) / "config.yaml"
+        if not saved.exists():
+            raise TrainingError(f"--resume {run_dir}: no config.yaml there; is it a policylab run directory?")
+        rec = load_recipe(str(saved), flat)  # the run's own recipe; overrides may extend train.steps
+    elif isinstance(recipe, Recipe):
+        rec = recipe
+    else:
+        rec = load_recipe(recipe, flat)
+    directory = Path(run_dir) if run_dir else default_run_dir(rec)
+    trainer = Trainer(rec, directory, resume=resume)
+    return trainer.run()
+
+
+try:  # per-file progress bars of save_pretrained would drown the run's own progress line
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+except ImportError:  # pragma: no cover
+    pass
+
+if os.environ.get("POLICYLAB_DETERMINISTIC"):
+    torch.use_deterministic_algorithms(True)

@@ -1,0 +1,106 @@
+"""The update step: mini-batches, length-bucketed micro-batches, objective + regularizers + token
+weights, global aggregation, gradient clipping, one optimizer step per mini-batch.
+
+This module knows component *kinds* only; which objective or regularizer runs is the recipe's business.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from policylab.rollouts import Normaliser, Rollouts
+from policylab.train.forward import policy_forward, trim
+
+
+@dataclass
+class UpdateComponents:
+    objective: object
+    aggregate: object
+    regularizers: list = field(default_factory=list)
+    token_weights: list = field(default_factory=list)
+
+    def wants(self, attribute: str) -> bool:
+        return any(getattr(c, attribute, False) for c in [self.objective, *self.regularizers, *self.token_weights])
+
+
+class NonFiniteStep(RuntimeError):
+    pass
+
+
+def micro_batches(batch: Rollouts, size: int) -> list[Rollouts]:
+    """Rows sorted by total length, cut into micro-batches of ``size``: similar lengths share a
+    micro-batch so little compute goes to padding. Any partition is exact (global normalisers)."""
+    total = batch.prompt_mask.sum(-1) + batch.completion_mask.sum(-1)
+    order = torch.argsort(total, stable=True)
+    return [trim(batch.select(order[i:i + size])) for i in range(0, batch.batch_size, size)]
+
+
+def micro_batch_loss(model, micro: Rollouts, parts: UpdateComponents, norm: Normaliser, *, temperature: float,
+                     chunk: int) -> tuple[torch.Tensor, dict[str, float]]:
+    out = policy_forward(model, micro, temperature=temperature, chunk=chunk, with_hidden=parts.wants("needs_hidden"))
+    if not parts.wants("needs_entropy_grad"):
+        out.entropy = out.entropy.detach()
+    loss_tok, metrics = parts.objective(out, micro)
+    for reg in parts.regularizers:
+        extra, reg_metrics = reg(out, micro)
+        loss_tok = loss_tok + extra
+        metrics.update(reg_metrics)
+    for weighting in parts.token_weights:
+        weights, w_metrics = weighting(out, micro)
+        loss_tok = loss_tok * weights
+        metrics.update(w_metrics)
+    mask = micro.completion_mask
+    loss = parts.aggregate(loss_tok, mask, norm)
+    tokens = mask.sum().clamp(min=1)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics["entropy"] = float((out.entropy.detach() * mask).sum() / tokens)
+    return loss, metrics
+
+
+def update_on_batch(model, optimizer, scheduler, batch: Rollouts, parts: UpdateComponents, *, mini_batches: int,
+                    updates: int, micro_size: int, max_len: int, grad_clip: float, temperature: float, chunk: int,
+                    generator: torch.Generator) -> dict[str, float]:
+    """mu passes over the batch, each split into ``mini_batches`` optimizer steps. Returns averaged metrics.
+
+    Raises NonFiniteStep (after zeroing gradients, without stepping) when a loss or gradient is not finite.
+    """
+    sums: dict[str, float] = defaultdict(float)
+    weights: dict[str, float] = defaultdict(float)
+    grad_norms, losses = [], []
+    for _ in range(updates):
+        order = torch.randperm(batch.batch_size, generator=generator) if mini_batches > 1 else torch.arange(batch.batch_size)
+        for chunk_rows in torch.tensor_split(order, mini_batches):
+            mini = batch.select(chunk_rows)
+            norm = Normaliser.of(mini.completion_mask, max_len)
+            optimizer.zero_grad(set_to_none=True)
+            total_loss = 0.0
+            for micro in micro_batches(mini, micro_size):
+                loss, metrics = micro_batch_loss(model, micro, parts, norm, temperature=temperature, chunk=chunk)
+                if not torch.isfinite(loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteStep(f"non-finite loss {float(loss)}")
+                loss.backward()
+                total_loss += float(loss.detach())
+                w = float(micro.completion_mask.sum())
+                for k, v in metrics.items():
+                    if math.isfinite(v):
+                        sums[k] += v * w
+                        weights[k] += w
+            params = [p for p in model.parameters() if p.grad is not None]
+            norm_value = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+            if not torch.isfinite(norm_value):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteStep(f"non-finite gradient norm {float(norm_value)}")
+            optimizer.step()
+            scheduler.step()
+            grad_norms.append(float(norm_value))
+            losses.append(total_loss)
+    out = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+    out["loss"] = sum(losses) / len(losses)
+    out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    out["optimizer_steps"] = float(len(losses))
+    return out
