@@ -85,6 +85,7 @@ class TrainConfig(Strict):
     eval_every: int = Field(0, ge=0)  # 0 = only at the end
     eval_size: int = Field(32, ge=0)
     eval_max_new_tokens: int = Field(0, ge=0)  # 0 = rollout.max_new_tokens
+    eval_samples: int = Field(4, ge=0)  # sampled completions per eval prompt (at rollout temperature); 0 = greedy only
     save_every: int = Field(0, ge=0)  # 0 = only at the end
     log_samples: int = Field(4, ge=0)
     logprob_chunk: int = Field(128, ge=1)  # completion positions per log-softmax chunk

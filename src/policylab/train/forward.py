@@ -49,16 +49,17 @@ def trim(batch: Rollouts) -> Rollouts:
     first = int(prompt_keep.nonzero().min()) if prompt_keep.any() else batch.prompt_mask.shape[1] - 1
     width = int(batch.completion_mask.sum(-1).max()) if batch.batch_size else 0
     width = max(width, 1)
-    out = batch.with_(prompt_ids=batch.prompt_ids[:, first:], prompt_mask=batch.prompt_mask[:, first:])
+    changes = {"prompt_ids": batch.prompt_ids[:, first:], "prompt_mask": batch.prompt_mask[:, first:]}
     for name in ("completion_ids", "completion_mask", "behavior_logp", "old_logp", "ref_logp", "entropy"):
-        value = getattr(out, name)
+        value = getattr(batch, name)
         if value is not None:
-            out = out.with_(**{name: value[:, :width]})
-    if out.advantages is not None and out.advantages.dim() == 2:
-        out = out.with_(advantages=out.advantages[:, :width])
-    extras = {k: (v[:, :width] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == batch.completion_ids.shape[1]
-                  and v.shape[0] == batch.batch_size else v) for k, v in out.extras.items()}
-    return out.with_(extras=extras)
+            changes[name] = value[:, :width]
+    if batch.advantages is not None and batch.advantages.dim() == 2:
+        changes["advantages"] = batch.advantages[:, :width]
+    full = batch.completion_ids.shape[1]
+    changes["extras"] = {k: (v[:, :width] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[:2] == (batch.batch_size, full)
+                             else v) for k, v in batch.extras.items()}
+    return batch.with_(**changes)
 
 
 def policy_forward(model, batch: Rollouts, *, temperature: float = 1.0, chunk: int = 128, with_hidden: bool = False,

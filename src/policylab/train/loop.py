@@ -236,15 +236,21 @@ class Trainer:
         rows = self.task.eval[: cfg.eval_size]
         if not rows:
             return {}
-        settings = SamplingSettings(1, 0.0, 1.0, 0, cfg.eval_max_new_tokens or self.sampling.max_new_tokens,
-                                    self.sampling.batch_size)
-        state = torch.get_rng_state()  # greedy eval must not move the sampling RNG stream
-        batch = self.parts.engine.generate(self.model, self.tokenizer, rows, settings)
+        max_new = cfg.eval_max_new_tokens or self.sampling.max_new_tokens
+        state = torch.get_rng_state()  # evaluation must not move the training sampling RNG stream
+        torch.manual_seed(cfg.seed + 7919 * (self.step + 1))  # seeded per step: comparable across recipes
+        out = {"eval/n": float(len(rows))}
+        runs = [("", SamplingSettings(1, 0.0, 1.0, 0, max_new, self.sampling.batch_size))]
+        if cfg.eval_samples:
+            s = self.sampling
+            runs.append(("_sampled", SamplingSettings(cfg.eval_samples, s.temperature, s.top_p, s.top_k, max_new, s.batch_size)))
+        for suffix, settings in runs:
+            batch = self.parts.engine.generate(self.model, self.tokenizer, rows, settings)
+            _, components = self.parts.rewards(batch.prompts, batch.completions, batch.rows)
+            out[f"eval/accuracy{suffix}"] = float(torch.nan_to_num(components["accuracy"], nan=0.0).mean())
+            out[f"eval/completion_length{suffix}"] = float(batch.completion_mask.sum(-1).float().mean())
         torch.set_rng_state(state)
-        _, components = self.parts.rewards(batch.prompts, batch.completions, batch.rows)
-        acc = components["accuracy"]
-        return {"eval/accuracy": float(torch.nan_to_num(acc, nan=0.0).mean()), "eval/n": float(len(rows)),
-                "eval/completion_length": float(batch.completion_mask.sum(-1).float().mean())}
+        return out
 
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -281,6 +287,8 @@ class Trainer:
         cfg = self.recipe.train
         self.logger.start(self.step)
         try:
+            if cfg.eval_every and cfg.eval_size and self.step == 0:
+                self.logger.log_eval(0, self.evaluate())
             while self.step < cfg.steps:
                 self.train_step()
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:

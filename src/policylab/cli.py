@@ -1,0 +1,152 @@
+"""`policylab ...`: train, recipes, components, eval, arena, verify."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from policylab import registry
+from policylab.config import RecipeError, available_recipes, load_raw, parse_override
+
+
+def _train(args) -> int:
+    from policylab.train.loop import TrainingError, train
+
+    words = list(args.words)
+    recipe = "grpo"
+    if words and "=" not in words[0]:
+        recipe = words.pop(0)
+    try:
+        overrides = dict(parse_override(o) for o in words)
+    except RecipeError as err:
+        print(f"policylab train: error: {err}", file=sys.stderr)
+        return 2
+    for flag, key in (("model", "model.name"), ("task", "task.name"), ("steps", "train.steps"), ("seed", "train.seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[key] = value
+    try:
+        run_dir = train(recipe, run_dir=args.run_dir or args.resume, resume=bool(args.resume), **overrides)
+    except (RecipeError, registry.RegistryError, TrainingError, ValueError, FileNotFoundError) as err:
+        print(f"policylab train: error: {err}", file=sys.stderr)
+        return 2
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _recipes(args) -> int:
+    rows = []
+    for name, path in available_recipes().items():
+        raw = load_raw(str(path))
+        rows.append({"name": name, "description": raw.get("description", ""), "paper": raw.get("paper", "")})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("recipe", "what it does", "paper")
+    for r in rows:
+        table.add_row(r["name"], r["description"], r["paper"])
+    Console().print(table)
+    return 0
+
+
+def _components(args) -> int:
+    registry.load_all()
+    data = {kind: [{"name": e.name, "summary": e.summary, "spec": e.spec} for _, e in sorted(registry.entries(kind).items())]
+            for kind in registry.KINDS}
+    if args.kind:
+        if args.kind not in data:
+            print(f"policylab components: unknown kind {args.kind!r}{registry.suggest(args.kind, data)}", file=sys.stderr)
+            return 2
+        data = {args.kind: data[args.kind]}
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("kind", "name", "spec", "summary")
+    for kind, items in data.items():
+        for item in items:
+            table.add_row(kind, item["name"], item["spec"], item["summary"])
+    Console().print(table)
+    return 0
+
+
+def _delegate(module: str, function: str):
+    """Subcommands implemented by a family module take the raw argv after the subcommand."""
+
+    def run(argv: list[str]) -> int:
+        try:
+            target = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError) as err:
+            print(f"policylab: this command is not available ({err})", file=sys.stderr)
+            return 2
+        return int(target(argv) or 0)
+
+    return run
+
+
+DELEGATED = {
+    "eval": _delegate("policylab.eval.evaluate", "main_eval"),
+    "arena": _delegate("policylab.eval.arena", "main_arena"),
+    "verify": _delegate("policylab.rewards.math_answer.cli", "main_verify"),
+}
+
+
+def train_parser() -> argparse.ArgumentParser:
+    t = argparse.ArgumentParser(prog="policylab train", description="train with a recipe (default: grpo on "
+                                "SmolLM2-135M-Instruct, arithmetic, CPU)")
+    t.add_argument("words", nargs="*", metavar="[RECIPE] [key=value ...]",
+                   help="recipe name (see `policylab recipes`) or YAML path, then dotted overrides, "
+                        "e.g. algorithm.objective.eps_high=0.28")
+    t.add_argument("--model", help="smollm2 (default) | tiny | hub id | model folder | file.gguf")
+    t.add_argument("--task", help="arithmetic (default) | a registered task | file.jsonl | file.parquet")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--run-dir", help="where the run lives (default runs/<recipe>-<model>-<time>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.set_defaults(func=_train)
+    return t
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="policylab", description="RL post-training where every method is a recipe")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("train", help="train with a recipe (default: grpo on SmolLM2-135M-Instruct, arithmetic, CPU)", add_help=False)
+    r = sub.add_parser("recipes", help="list recipes")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=_recipes)
+    c = sub.add_parser("components", help="list registered components by kind")
+    c.add_argument("kind", nargs="?")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_components)
+    for name, help_text in (("eval", "evaluate a model or checkpoint on a task (pass@k, maj@k, calibration, ...)"),
+                            ("arena", "run several recipes side by side and write a report"),
+                            ("verify", "check a predicted math answer against a gold answer")):
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        return DELEGATED[argv[0]](argv[1:])
+    if not argv or argv[0] == "train":
+        train_args = train_parser().parse_intermixed_args(argv[1:])
+        return train_args.func(train_args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
