@@ -63,6 +63,13 @@ def rloo_advantage(rollouts: Rollouts) -> Tensor:
     return nan_to_zero(factor * (r - mean))
 
 
+def trained_mask(rollouts: Rollouts) -> Tensor:
+    """completion_mask without the rows whose reward failed (NaN): those rows get advantage 0 and stay
+    out of batch statistics such as the whitening mean and variance."""
+    valid = ~torch.isnan(_rewards(rollouts))
+    return rollouts.completion_mask.float() * valid[:, None]
+
+
 def masked_whiten(values: Tensor, mask: Tensor) -> Tensor:
     """(x - mean) / sqrt(var + 1e-8) over masked entries, unbiased variance (verl masked_whiten).
 
@@ -108,7 +115,7 @@ def reinforce_pp_advantage(rollouts: Rollouts, *, kl_coef: float = 0.0, gamma: f
 
     The KL-in-reward term needs ``ref_logp`` (and old/behaviour log-probs) when ``kl_coef`` > 0.
     """
-    mask = rollouts.completion_mask.float()
+    mask = trained_mask(rollouts)
     token_rewards = outcome_token_rewards(rollouts)
     if kl_coef:
         old = rollouts.old_logp if rollouts.old_logp is not None else rollouts.behavior_logp
@@ -123,7 +130,7 @@ def reinforce_pp_advantage(rollouts: Rollouts, *, kl_coef: float = 0.0, gamma: f
 @torch.no_grad()
 def reinforce_pp_baseline_advantage(rollouts: Rollouts) -> Tensor:
     """REINFORCE++-baseline: s_i = r_i - mean_g r on every valid token, then token-weighted batch whitening."""
-    mask = rollouts.completion_mask.float()
+    mask = trained_mask(rollouts)
     r = _rewards(rollouts)
     mean, _, _ = group_mean_std(r, rollouts.group)
     centred = nan_to_zero(r - mean)
