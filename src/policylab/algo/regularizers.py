@@ -43,13 +43,36 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor
     raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)} (aliases {', '.join(_ALIASES)})")
 
 
-class KLPenalty:
-    """beta * KL_est(logp, ref_logp) as a loss term (E1 placement (b), GRPO style)."""
+def adaptive_kl_beta(beta: float, kl: float, target: float, n_steps: float, horizon: float) -> float:
+    """Adaptive KL controller (Ziegler et al.; E1): e = clip(KL/KL_target - 1, -0.2, 0.2), beta <- beta*(1 + e*n/H).
 
-    def __init__(self, beta: float = 0.04, estimator: str = "k3"):
+    ``n_steps`` counts samples since the last update and ``horizon`` is in samples (verl AdaptiveKLController).
+    """
+    if target <= 0 or horizon <= 0:
+        raise ValueError(f"adaptive KL needs target > 0 and horizon > 0, got target={target}, horizon={horizon}")
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_steps / horizon)
+
+
+class KLPenalty:
+    """beta * KL_est(logp, ref_logp) as a loss term (E1 placement (b), GRPO style).
+
+    ``controller``: "fixed" (default) or "adaptive": after each step beta moves by :func:`adaptive_kl_beta`
+    with the token-mean KL and the number of sequences seen since the previous step (our choice: the
+    spec's controller is verl's KL-in-reward one; here it drives the KL-loss coefficient).
+    """
+
+    def __init__(self, beta: float = 0.04, estimator: str = "k3", controller: str = "fixed",
+                 target_kl: float = 0.1, horizon: float = 10000):
         kl_estimate(torch.zeros(1), torch.zeros(1), estimator)  # validate the name now, not mid-run
+        if controller not in ("fixed", "adaptive"):
+            raise ValueError(f"kl controller must be 'fixed' or 'adaptive', got {controller!r}")
+        if controller == "adaptive":
+            adaptive_kl_beta(beta, 0.0, target_kl, 0, horizon)  # validate target/horizon now
         self.beta = beta
         self.estimator = estimator
+        self.controller, self.target_kl, self.horizon = controller, target_kl, horizon
+        self._kl_sum = self._tokens = self._seqs = 0.0
 
     def needs_reference(self) -> bool:
         return self.beta != 0
@@ -61,7 +84,24 @@ class KLPenalty:
         if batch.ref_logp is None:
             raise ValueError("the kl regularizer needs reference log-probs (rollouts.ref_logp)")
         kl = kl_estimate(out.logp, batch.ref_logp, self.estimator)
+        if self.controller == "adaptive":
+            self._kl_sum += float((kl.detach() * mask).sum())
+            self._tokens += float(mask.sum())
+            self._seqs += float((mask.sum(-1) > 0).sum())
         return self.beta * kl, {"kl": masked_mean(kl.detach(), mask), "kl/beta": torch.tensor(self.beta)}
+
+    def after_step(self, metrics: dict | None = None) -> None:
+        """Adaptive controller update, once per step, from the KL seen since the previous step."""
+        if self.controller != "adaptive" or self._tokens == 0:
+            return
+        self.beta = adaptive_kl_beta(self.beta, self._kl_sum / self._tokens, self.target_kl, self._seqs, self.horizon)
+        self._kl_sum = self._tokens = self._seqs = 0.0
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = state["beta"]
 
 
 register("regularizer", "kl", spec="advantages_rewards.md E1; objectives.md §1.1")(KLPenalty)
@@ -99,9 +139,16 @@ class EntropyBonus:
         coef = self.coef if active else 0.0
         return -coef * out.entropy, {"entropy/coef": torch.tensor(coef)}
 
-    def after_step(self, mean_entropy: float | None = None) -> None:
-        """Adaptive update of the coefficient, once per optimizer step."""
-        h = self._last_entropy if mean_entropy is None else mean_entropy
+    def after_step(self, metrics: dict | float | None = None) -> None:
+        """Adaptive update of the coefficient, once per step.
+
+        ``metrics`` is the loop's step metrics (train/context.py: ``after_step(metrics: dict)``); its
+        "entropy" (the step's mean token entropy) is used when present, else the last seen mean. A bare
+        number is taken as the mean entropy.
+        """
+        if isinstance(metrics, dict):
+            metrics = metrics.get("entropy")
+        h = self._last_entropy if metrics is None else float(metrics)
         if not self.adaptive or h is None:
             return
         direction = 1.0 if h < self.target else -1.0
