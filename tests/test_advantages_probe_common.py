@@ -1,0 +1,162 @@
+"""Helpers shared by the probe-family tests (fake tokenizer, tiny model, hand-built Rollouts) and tests of
+policylab.algo.advantages_probe.common."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from policylab.algo.advantages_probe.common import (
+    BaseAdvantage,
+    completion_forward,
+    corrupt_prompts,
+    correctness,
+    group_rank,
+    pad_left,
+    segment_ends,
+    segment_of_tokens,
+    stop_position,
+    zero_failed,
+)
+from policylab.registry import RegistryError
+from policylab.rollouts import Rollouts
+from policylab.train.context import TrainContext
+
+
+class CharTokenizer:
+    """One token per ASCII character; ids 0/1 are pad/eos and never occur in text."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+
+    def encode(self, text, add_special_tokens=False):
+        return [min(ord(c), 127) for c in text]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(int(i)) for i in ids if not (skip_special_tokens and int(i) in (0, 1)))
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": self.encode(text)}
+
+
+def tiny_model(seed: int = 0, hidden: int = 32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_rollouts(prompts, completions, group, rewards=None, rows=None, tokenizer=None) -> Rollouts:
+    tok = tokenizer or CharTokenizer()
+    p_ids, p_mask = pad_left([tok.encode(p) for p in prompts], tok.pad_token_id)
+    cs = [tok.encode(c) for c in completions]
+    width = max(1, max(len(c) for c in cs))
+    c_ids = torch.zeros(len(cs), width, dtype=torch.long)
+    c_mask = torch.zeros(len(cs), width)
+    for i, c in enumerate(cs):
+        c_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        c_mask[i, : len(c)] = 1
+    return Rollouts(
+        prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask,
+        group=torch.tensor(group), truncated=torch.zeros(len(cs), dtype=torch.bool),
+        prompts=list(prompts), completions=list(completions), rows=rows or [{} for _ in cs],
+        rewards=None if rewards is None else torch.tensor(rewards, dtype=torch.float32),
+    )
+
+
+def make_ctx(model=None, tokenizer=None, step=0, ref_model=None) -> TrainContext:
+    return TrainContext(model=model, tokenizer=tokenizer or CharTokenizer(), ref_model=ref_model, device="cpu", step=step)
+
+
+def manual_answer_scores(model, tokenizer, context: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs and entropies at the ``answer`` tokens after ``context``: one unpadded
+    forward, no library helper involved."""
+    ctx_ids = tokenizer.encode(context)
+    ans_ids = tokenizer.encode(answer)
+    ids = torch.tensor([ctx_ids + ans_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    n = len(ctx_ids)
+    rows = [logp[n - 1 + m] for m in range(len(ans_ids))]
+    chosen = torch.stack([row[a] for row, a in zip(rows, ans_ids)])
+    entropy = torch.stack([-(row.exp() * row).sum() for row in rows])
+    return chosen, entropy
+
+
+def manual_answer_logp(model, tokenizer, context: str, answer: str) -> torch.Tensor:
+    return manual_answer_scores(model, tokenizer, context, answer)[0]
+
+
+# -- tests of common.py ---------------------------------------------------------------------------------
+
+
+def test_segment_ends_on_token_boundaries_and_stop_marker():
+    pieces = ["a", ".", "\n", "\n", "b", "\n\n", "c", "</think>", "\n\n"]
+    assert segment_ends(pieces, "\n\n") == [3, 5, 8]
+    assert segment_ends(pieces, "\n\n", stop_marker="</think>") == [3, 5]
+    assert segment_ends(pieces, ".\n\n") == [3]
+    assert stop_position(pieces, "</think>") == 7
+    assert stop_position(pieces, None) is None
+
+
+def test_segment_ends_thins_evenly_keeping_the_last():
+    pieces = ["x\n\n"] * 10
+    ends = segment_ends(pieces, "\n\n", max_segments=4)
+    assert len(ends) == 4 and ends[0] == 0 and ends[-1] == 9
+
+
+def test_segment_of_tokens():
+    assert segment_of_tokens([1, 3], 6).tolist() == [0, 0, 1, 1, 2, 2]
+    assert segment_of_tokens([], 3).tolist() == [0, 0, 0]
+
+
+def test_completion_forward_left_padding_matches_unpadded_pass():
+    model = tiny_model()
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    completion = torch.tensor([[20, 21, 22], [23, 24, 25]])
+    p_ids, p_mask = pad_left(prompts, 0)
+    out = completion_forward(model, p_ids, p_mask, completion)
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([p + completion[i].tolist()])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        want = torch.stack([logp[len(p) - 1 + t, completion[i, t]] for t in range(3)])
+        torch.testing.assert_close(out["logp"][i].detach(), want, atol=1e-5, rtol=0)
+
+
+def test_corrupt_prompts_masks_only_real_unprotected_tokens():
+    ids, mask = pad_left([[5, 6, 7, 8, 9], [3, 4]], 0)
+    g = torch.Generator().manual_seed(0)
+    all_masked = corrupt_prompts(ids, mask, mask_prob=1.0, replacement_id=99, generator=g, protect_last=1)
+    assert all_masked[0].tolist() == [99, 99, 99, 99, 9]
+    assert all_masked[1].tolist() == [0, 0, 0, 99, 4]  # padding untouched
+    assert torch.equal(corrupt_prompts(ids, mask, mask_prob=0.0, replacement_id=99, generator=g), ids)
+    with pytest.raises(ValueError, match="mask_prob"):
+        corrupt_prompts(ids, mask, mask_prob=1.5, replacement_id=99, generator=g)
+
+
+def test_group_rank_noncontiguous():
+    rank, size = group_rank(torch.tensor([7, 3, 7, 7, 3]))
+    assert rank.tolist() == [0, 0, 1, 2, 1]
+    assert size.tolist() == [3, 2, 3, 3, 2]
+
+
+def test_correctness_prefers_accuracy_component_and_nan_is_wrong():
+    r = make_rollouts(["p"] * 3, ["a", "b", "c"], [0, 0, 0], rewards=[1.0, float("nan"), 0.0])
+    assert correctness(r).tolist() == [1.0, 0.0, 0.0]
+    r.reward_components["accuracy"] = torch.tensor([0.0, 1.0, 1.0])
+    assert correctness(r).tolist() == [0.0, 1.0, 1.0]
+
+
+def test_base_advantage_unknown_name_is_a_clear_error():
+    with pytest.raises(RegistryError, match="grpo"):
+        BaseAdvantage("grpoo")
+
+
+def test_zero_failed_zeroes_nan_rows():
+    r = make_rollouts(["p"] * 2, ["ab", "cd"], [0, 0], rewards=[1.0, float("nan")])
+    out = zero_failed(torch.ones(2, 2), r)
+    assert out.tolist() == [[1.0, 1.0], [0.0, 0.0]]
