@@ -1,0 +1,132 @@
+"""DAPO parts: soft overlong punishment (objectives.md §1.3) and the zero-variance group filter
+(data_agents_eval.md A1).
+
+Not here: A1's multi-round tests (B=2, G=4 filled over two generation rounds; max_num_gen_batches=1 raising on
+an all-zero dataset). They need the generation loop, which inlines dynamic sampling in Trainer.collect; they
+belong with a standalone ``policylab.train.dynamic.collect_informative_groups`` once one exists.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from policylab import registry
+from policylab.rewards.overlong import soft_overlong_penalty
+from policylab.rollouts import Rollouts
+
+NAN = float("nan")
+
+
+def make(rewards, group, lengths=None, width=None, **fields):
+    b = len(rewards)
+    lengths = [1] * b if lengths is None else lengths
+    width = width or max(lengths)
+    mask = torch.zeros(b, width)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return Rollouts(
+        prompt_ids=torch.ones(b, 1, dtype=torch.long),
+        prompt_mask=torch.ones(b, 1),
+        completion_ids=torch.ones(b, width, dtype=torch.long),
+        completion_mask=mask,
+        group=torch.tensor(group),
+        truncated=torch.tensor([n == width for n in lengths]),
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        **fields,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# soft overlong punishment
+
+
+def test_soft_overlong_spec_numbers():
+    lengths = torch.tensor([16000, 16384, 18000, 20480])
+    penalty = soft_overlong_penalty(lengths, max_len=20480, cache_len=4096)
+    assert torch.allclose(penalty, torch.tensor([0.0, 0.0, -0.394531, -1.0]), atol=1e-6)
+
+
+def test_soft_overlong_is_linear_in_the_buffer_and_scales_with_the_factor():
+    lengths = torch.tensor([0, 15, 16, 17, 18, 20])
+    penalty = soft_overlong_penalty(lengths, max_len=20, cache_len=4, penalty_factor=0.5)
+    assert torch.allclose(penalty, torch.tensor([0.0, 0.0, 0.0, -0.125, -0.25, -0.5]))
+
+
+def shaping(rollouts, **params):
+    return registry.build("reward_shaping", "soft_overlong", params)(rollouts)
+
+
+def test_soft_overlong_component_with_explicit_lengths():
+    r = make([1.0, 1.0, 0.0], [0, 0, 0], extras={"completion_lengths": torch.tensor([16000, 18000, 20480])})
+    delta, metrics = shaping(r, max_len=20480, cache_len=4096)
+    assert torch.allclose(delta, torch.tensor([0.0, -0.394531, -1.0]), atol=1e-6)
+    assert metrics["overlong/penalised_frac"] == pytest.approx(2 / 3)
+    assert metrics["overlong/penalty_mean"] == pytest.approx((-0.394531 - 1.0) / 3, abs=1e-6)
+
+
+def test_soft_overlong_component_defaults_to_the_run_length_and_a_20_percent_buffer():
+    # max_new_tokens 20 -> cache 4 -> no penalty up to 16 tokens, -1 at 20 (DAPO's 4096 of 20480)
+    r = make([1.0, 1.0, 1.0, 1.0], [0, 0, 1, 1], lengths=[10, 16, 18, 20], width=20, extras={"max_new_tokens": 20})
+    delta, _ = shaping(r)
+    assert torch.allclose(delta, torch.tensor([0.0, 0.0, -0.5, -1.0]))
+
+
+def test_soft_overlong_without_a_length_is_a_clear_error():
+    with pytest.raises(ValueError, match="max_len"):
+        shaping(make([1.0], [0], lengths=[3]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# zero-variance group filter
+
+
+def keep(rollouts, **params):
+    return registry.build("group_filter", "zero_variance", params)(rollouts).tolist()
+
+
+def test_A1_all_correct_and_all_wrong_groups_are_dropped():
+    r = make([1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0], [0] * 4 + [1] * 4 + [2] * 4)
+    assert keep(r) == [False, False, True]
+
+
+def test_A1_a_group_of_one_is_always_kept():
+    assert keep(make([1.0, 0.0, 1.0, 1.0], [0, 1, 2, 2])) == [True, True, False]
+
+
+def test_filter_answers_in_sorted_group_id_order_for_non_contiguous_groups():
+    # ids 9 (informative) and 2 (all wrong), interleaved: the answer is indexed like torch.unique -> [2, 9]
+    r = make([1.0, 0.0, 0.0, 0.0], [9, 2, 9, 2])
+    assert torch.unique(r.group).tolist() == [2, 9]
+    assert keep(r) == [False, True]
+
+
+def test_acc_metric_vs_score_metric():
+    # partial credit: both "correct" by accuracy (reward > 0) but different scores
+    r = make([0.5, 0.7, 0.5, 0.5], [0, 0, 1, 1])
+    assert keep(r, metric="acc") == [False, False]
+    assert keep(r, metric="score") == [True, False]
+
+
+def test_dapo_plus_minus_one_rewards():
+    r = make([1.0, -1.0, -1.0, -1.0, -1.0, -1.0], [0, 0, 0, 1, 1, 1])
+    assert keep(r) == [True, False]
+
+
+def test_acc_metric_prefers_the_accuracy_component():
+    r = make([0.3, 0.3], [0, 0], reward_components={"accuracy": torch.tensor([1.0, 0.0])})
+    assert keep(r, metric="acc") == [True]
+    assert keep(r, metric="score") == [False]
+
+
+def test_failed_rewards_do_not_make_a_group_look_informative():
+    """NaN rewards are excluded (foundation contract): [1, 1, NaN] has zero advantage everywhere, so it is
+    dropped; [1, 0, NaN] is informative."""
+    r = make([1.0, 1.0, NAN, 1.0, 0.0, NAN, NAN], [0, 0, 0, 1, 1, 1, 2])
+    assert keep(r) == [False, True, True]  # group 2: a single trajectory is always kept
+    assert keep(r, metric="score") == [False, True, True]
+
+
+def test_unknown_metric_is_a_clear_error():
+    with pytest.raises(ValueError, match="seq_final"):
+        keep(make([1.0, 0.0], [0, 0]), metric="seq_final")
