@@ -149,11 +149,20 @@ def load_raw(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
         raise RecipeError(f"recipe {path} must be a mapping at the top level")
     parent = data.pop("extends", None)
     if parent:
-        base = load_raw(str(parent), _seen + (key,))
-        base.pop("description", None), base.pop("paper", None)
+        base = load_raw(_parent_path(str(parent), path), _seen + (key,))
+        # name, description and paper describe one file: a child never inherits them
+        base.pop("name", None), base.pop("description", None), base.pop("paper", None)
         data = deep_merge(base, data)
     data.setdefault("name", path.stem)
     return data
+
+
+def _parent_path(parent: str, child: Path) -> str:
+    """``extends:`` value as given; a relative file path is looked up next to the extending file first."""
+    sibling = child.parent / parent
+    if not Path(parent).is_absolute() and sibling.is_file():
+        return str(sibling)
+    return parent
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -189,7 +198,7 @@ def apply_override(data: dict, dotted: str, value: Any) -> None:
             node = node[_list_index(node, part, parts[: i + 1])]
             continue
         if node.get(part) is None:
-            node[part] = {}
+            node[part] = _schema_default(parts[: i + 1])
         node = node[part]
     last = parts[-1]
     if isinstance(node, list):
@@ -198,6 +207,20 @@ def apply_override(data: dict, dotted: str, value: Any) -> None:
         node[last] = value
     else:
         raise RecipeError(f"override {dotted!r}: {'.'.join(parts[:-1])} is not a mapping")
+
+
+def _schema_default(parts: list[str]) -> Any:
+    """The schema's default at a key path the recipe leaves unset (e.g. ['task'] -> {'name': 'arithmetic'}),
+    so 'task.train_size=10' or 'rewards.0.weight=2' work on defaults; {} where the default is not a container."""
+    node: Any = Recipe().model_dump(mode="json")
+    for part in parts:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and node.get(part) is not None:
+            node = node[part]
+        else:
+            return {}
+    return copy.deepcopy(node) if isinstance(node, (dict, list)) else {}
 
 
 def _list_index(node: list, part: str, path: list[str]) -> int:
