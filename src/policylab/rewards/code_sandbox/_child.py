@@ -305,6 +305,7 @@ def run_tests(job: dict, channel: Channel) -> None:
                 if kind == "exec":
                     break
             probe_index += kind == "probe"
+        channel.send(test=test_index, finished=True)
     channel.send(done=True)
 
 

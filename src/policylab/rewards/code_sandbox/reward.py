@@ -103,17 +103,21 @@ def _sandbox_failed(run: SandboxResult) -> bool:
 
 
 def _assert_outcomes(compiled: list[CompiledTest], run: SandboxResult) -> list[CaseOutcome]:
-    """Judge each test from the child's records: every probe must have exactly one value, no step may
-    have failed, and every check must hold when evaluated here."""
+    """Judge each test from the child's records: the child must have finished the test, every probe
+    must have exactly one value, no step may have failed, and every check must hold here."""
     stopped = run.failure or (f"exit status {run.returncode}" if run.returncode else "no result")
     errors: dict[int, str] = {}
     values: dict[int, dict[int, object]] = {}
     duplicated: set[int] = set()
+    finished: set[int] = set()
     for record in run.records:
         if "solution_error" in record:
             return [CaseOutcome(False, f"error: {record['solution_error']}"[:500]) for _ in compiled]
         test = record.get("test")
         if not isinstance(test, int) or not 0 <= test < len(compiled):
+            continue
+        if record.get("finished") is True:
+            finished.add(test)
             continue
         if "error" in record:
             errors.setdefault(test, str(record["error"])[:500])
@@ -134,11 +138,10 @@ def _assert_outcomes(compiled: list[CompiledTest], run: SandboxResult) -> list[C
         elif index in errors:
             detail = errors[index]
             outcomes.append(CaseOutcome(False, detail if detail == "timeout" else f"error: {detail}"))
-        elif len(values.get(index, {})) < test.num_probes or any(
-                k not in values[index] for k in range(test.num_probes)):
+        elif index not in finished or any(k not in values.get(index, {}) for k in range(test.num_probes)):
             outcomes.append(CaseOutcome(False, f"not run: {stopped}"))
         else:
-            probes = {f"{PROBE_PREFIX}{k}": v for k, v in values[index].items()}
+            probes = {f"{PROBE_PREFIX}{k}": v for k, v in values.get(index, {}).items()}
             outcomes.append(_check_all(test, probes))
     return outcomes
 
