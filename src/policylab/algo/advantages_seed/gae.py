@@ -68,10 +68,14 @@ def gae_advantage(rollouts: Rollouts, *, gamma: float = 1.0, lam: float = 1.0, k
     Token rewards: the outcome reward on each completion's last valid token, minus ``kl_coef``·(log pi_old
     - log pi_ref) per token when ``kl_coef`` > 0 (KL-in-reward). Returns are stored before whitening in
     ``rollouts.extras["returns"]``; the advantages are batch-whitened (unbiased) unless ``whiten`` is off.
+    Rows whose reward failed (NaN) get 0 and are left out of the whitening.
     """
     if not 0 <= gamma <= 1 or not 0 <= lam <= 1:
         raise ValueError(f"gae needs gamma and lam in [0, 1], got gamma={gamma}, lam={lam}")
-    mask = rollouts.completion_mask.float()
+    if rollouts.rewards is None:
+        raise ValueError("gae needs rollouts.rewards; run the reward stage first")
+    # failed (NaN-reward) rows get advantage 0 and stay out of the whitening statistics
+    mask = rollouts.completion_mask.float() * (~torch.isnan(rollouts.rewards.float()))[:, None]
     values = require_extra(rollouts, "values", "gae", "critic values [B,T] written by the critic's prepare hook").float()
     if values.shape != mask.shape:
         raise ValueError(f"gae: extras['values'] has shape {tuple(values.shape)}, completion_mask {tuple(mask.shape)}")

@@ -79,7 +79,7 @@ def renorm_advantage(rollouts: Rollouts, *, scale: bool = True, eps: float = 1e-
         raise ValueError(f"renorm: step_index {tuple(step_index.shape)} must match the completion mask {tuple(mask.shape)} "
                          f"and step_rewards {tuple(process.shape)} must have {rollouts.batch_size} rows")
     num_steps = process.shape[1]
-    if int(step_index.max(initial=-1)) >= num_steps:
+    if step_index.numel() and int(step_index.max()) >= num_steps:
         raise ValueError(f"renorm: step_index refers to step {int(step_index.max())} but step_rewards has {num_steps} columns")
     on_step = mask & (step_index >= 0)
     present = torch.zeros(rollouts.batch_size, num_steps, dtype=torch.bool)
