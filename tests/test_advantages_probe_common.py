@@ -160,3 +160,21 @@ def test_zero_failed_zeroes_nan_rows():
     r = make_rollouts(["p"] * 2, ["ab", "cd"], [0, 0], rewards=[1.0, float("nan")])
     out = zero_failed(torch.ones(2, 2), r)
     assert out.tolist() == [[1.0, 1.0], [0.0, 0.0]]
+
+
+def test_sample_continuations_cache_matches_full_recompute_and_is_seeded():
+    from policylab.algo.advantages_probe.common import sample_continuations
+
+    model = tiny_model()
+    contexts = [[5, 6, 7], [8]]
+    kw = dict(num_samples=2, max_new_tokens=4, temperature=0.7, eos_id=None, pad_id=0)
+    a = sample_continuations(model, contexts, generator=torch.Generator().manual_seed(1), **kw)
+    b = sample_continuations(model, contexts, generator=torch.Generator().manual_seed(1), **kw)
+    assert [s["tokens"] for s in a] == [s["tokens"] for s in b] and len(a) == 4
+    for s, ctx in zip(a, [contexts[0]] * 2 + [contexts[1]] * 2):
+        # recompute the drawn tokens' log-probs with one unpadded pass (no cache)
+        ids = torch.tensor([ctx + s["tokens"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float() / 0.7, -1)
+        want = torch.stack([logp[len(ctx) - 1 + t, tok] for t, tok in enumerate(s["tokens"])])
+        torch.testing.assert_close(s["logp"], want, atol=1e-4, rtol=0)

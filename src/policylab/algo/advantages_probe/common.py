@@ -275,42 +275,61 @@ def corrupt_prompts(prompt_ids: Tensor, prompt_mask: Tensor, *, mask_prob: float
 
 
 @torch.no_grad()
-def sample_mean_entropies(model, contexts: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int,
-                          temperature: float, eos_id: int | None, pad_id: int, generator: torch.Generator,
-                          chunk: int = 32) -> Tensor:
-    """[len(contexts), num_samples]: mean token entropy of short sampled continuations of each context.
+def sample_continuations(model, contexts: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int,
+                         temperature: float, eos_id: int | None, pad_id: int, generator: torch.Generator,
+                         chunk: int = 32) -> list[dict[str, Any]]:
+    """``num_samples`` continuations of each context (context-major order), drawn from softmax(logits/T).
 
-    Each continuation draws up to ``max_new_tokens`` tokens from softmax(logits / temperature) and stops
-    after EOS; the entropy is that of the distribution each token was drawn from (its own length L_n).
-    Sampling uses ``generator`` on the CPU, so a seeded generator gives the same draws on any device.
+    Each result: ``tokens`` (list, up to and including EOS), ``logp`` [n] of the drawn tokens and
+    ``entropy`` [n] of the distributions they were drawn from. Sampling uses ``generator`` on the CPU,
+    so a seeded generator gives the same draws on any device. Decoding reuses the KV cache.
     """
     if temperature <= 0:
         raise ValueError(f"probe sampling temperature must be > 0, got {temperature}")
     device = model_device(model)
     flat = [list(c) for c in contexts for _ in range(num_samples)]
-    means = torch.zeros(len(flat))
+    results: list[dict[str, Any]] = []
     for start in range(0, len(flat), chunk):
         ids, mask = pad_left(flat[start : start + chunk], pad_id)
         ids, mask = ids.to(device), mask.to(device)
         n = ids.shape[0]
-        total = torch.zeros(n)
-        count = torch.zeros(n)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, last_pos = out.past_key_values, positions[:, -1:]
+        logits = out.logits[:, -1]
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logps: list[list[float]] = [[] for _ in range(n)]
+        entropies: list[list[float]] = [[] for _ in range(n)]
         done = torch.zeros(n, dtype=torch.bool)
         for _ in range(max_new_tokens):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
-            logp = torch.log_softmax(logits / temperature, dim=-1).cpu()
+            logp = torch.log_softmax(logits.float() / temperature, dim=-1).cpu()
             entropy = -(logp.exp() * logp).sum(-1)
-            total += torch.where(done, torch.zeros_like(entropy), entropy)
-            count += (~done).float()
             nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            for j in (~done).nonzero().flatten().tolist():
+                tokens[j].append(int(nxt[j]))
+                logps[j].append(float(logp[j, nxt[j]]))
+                entropies[j].append(float(entropy[j]))
             if eos_id is not None:
                 done = done | (nxt == eos_id)
-            ids = torch.cat([ids, nxt[:, None].to(device)], dim=1)
-            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
             if bool(done.all()):
                 break
-        means[start : start + n] = total / count.clamp(min=1)
+            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
+            last_pos = last_pos + 1
+            out = model(input_ids=nxt[:, None].to(device), attention_mask=mask, position_ids=last_pos,
+                        past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+        for j in range(n):
+            results.append({"tokens": tokens[j], "logp": torch.tensor(logps[j]), "entropy": torch.tensor(entropies[j])})
+    return results
+
+
+def sample_mean_entropies(model, contexts: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int,
+                          temperature: float, eos_id: int | None, pad_id: int, generator: torch.Generator,
+                          chunk: int = 32) -> Tensor:
+    """[len(contexts), num_samples]: mean token entropy of each short sampled continuation (its own length)."""
+    samples = sample_continuations(model, contexts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, eos_id=eos_id, pad_id=pad_id, generator=generator, chunk=chunk)
+    means = torch.tensor([float(s["entropy"].mean()) if s["entropy"].numel() else 0.0 for s in samples])
     return means.view(len(contexts), num_samples)
 
 

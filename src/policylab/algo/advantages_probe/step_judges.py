@@ -1,0 +1,126 @@
+"""Step judges: ``(prompt, completion) -> per-step verdicts`` for CAPO credit (B23) and FAPO (C6).
+
+A verdict list has one bool per step of ``completion.split(delimiter)`` — True = the step is judged
+correct, False = flawed — or is None when the judge's output could not be parsed. Any callable with
+that signature works; ``resolve_judge`` also accepts a name ("arithmetic", "none") or "module:attr".
+``PolicyCritic`` makes the policy itself the generative PRM (it needs the model, so it is built in a
+component's ``prepare``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+from policylab.algo.advantages_probe.common import encode, pad_id_of, sample_continuations
+
+Verdicts = Optional[Sequence[bool]]
+
+
+class StepJudge(Protocol):
+    def __call__(self, prompt: str, completion: str) -> Verdicts: ...
+
+
+def split_steps(text: str, delimiter: str = "\n\n") -> list[str]:
+    return text.split(delimiter)
+
+
+_EQUATION = re.compile(r"(-?\d+(?:\s*[-+*]\s*-?\d+)+)\s*=\s*(-?\d+)")
+
+
+def arithmetic_step_judge(prompt: str, completion: str, *, delimiter: str = "\n\n") -> list[bool]:
+    """A rule judge for the arithmetic testbed: a step is flawed iff one of its "a op b ... = c" claims is false."""
+    verdicts = []
+    for step in split_steps(completion, delimiter):
+        ok = True
+        for lhs, rhs in _EQUATION.findall(step):
+            if not re.fullmatch(r"[-+*\d\s]+", lhs):
+                continue
+            ok = ok and eval(lhs, {"__builtins__": {}}) == int(rhs)  # lhs is digits, spaces and + - * only
+        verdicts.append(ok)
+    return verdicts
+
+
+def no_flaw_judge(prompt: str, completion: str, *, delimiter: str = "\n\n") -> list[bool]:
+    return [True] * len(split_steps(completion, delimiter))
+
+
+def resolve_judge(spec, *, delimiter: str = "\n\n") -> StepJudge | None:
+    """A judge from a callable, a built-in name, or "package.module:attribute"; "policy" -> None (built later)."""
+    if callable(spec):
+        return spec
+    if spec == "arithmetic":
+        return lambda p, c: arithmetic_step_judge(p, c, delimiter=delimiter)
+    if spec == "none":
+        return lambda p, c: no_flaw_judge(p, c, delimiter=delimiter)
+    if spec == "policy":
+        return None
+    if isinstance(spec, str) and ":" in spec:
+        module, _, attr = spec.partition(":")
+        try:
+            target = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"cannot import judge {spec!r}: {err}") from None
+        if not callable(target):
+            raise ValueError(f"judge {spec!r} is not callable")
+        return target
+    raise ValueError(f"unknown judge {spec!r}: use 'arithmetic', 'none', 'policy', 'module:attr' or a callable")
+
+
+CRITIQUE_PROMPT = (
+    "Check the solution below step by step. Steps are numbered from 1.\n\nProblem:\n{prompt}\n\nSolution:\n{steps}\n\n"
+    "List the numbers of the wrong steps as 'Wrong steps: 2, 5', or write 'Wrong steps: none'.\n"
+)
+_WRONG = re.compile(r"wrong steps?\s*:\s*(none|[\d,\s]+)", re.IGNORECASE)
+
+
+def parse_critique(text: str, num_steps: int) -> list[bool] | None:
+    """'Wrong steps: 2, 5' -> verdicts with steps 2 and 5 (1-based) False; 'none' -> all True; else None."""
+    found = _WRONG.search(text)
+    if not found:
+        return None
+    verdicts = [True] * num_steps
+    if found.group(1).strip().lower() == "none":
+        return verdicts
+    for number in re.findall(r"\d+", found.group(1)):
+        k = int(number) - 1
+        if 0 <= k < num_steps:
+            verdicts[k] = False
+    return verdicts
+
+
+class PolicyCritic:
+    """The policy as a one-pass generative PRM: one sampled critique per call, parsed by ``parse_critique``."""
+
+    def __init__(self, model, tokenizer, *, delimiter: str = "\n\n", temperature: float = 0.7, max_new_tokens: int = 64,
+                 generator: torch.Generator | None = None):
+        self.model, self.tokenizer, self.delimiter = model, tokenizer, delimiter
+        self.temperature, self.max_new_tokens = temperature, max_new_tokens
+        self.generator = generator or torch.Generator().manual_seed(0)
+
+    def critique_prompt(self, prompt: str, completion: str) -> str:
+        steps = split_steps(completion, self.delimiter)
+        numbered = "\n".join(f"Step {k + 1}: {s.strip()}" for k, s in enumerate(steps))
+        return CRITIQUE_PROMPT.format(prompt=prompt, steps=numbered)
+
+    def __call__(self, prompt: str, completion: str) -> Verdicts:
+        ids = encode(self.tokenizer, self.critique_prompt(prompt, completion))
+        sample = sample_continuations(self.model, [ids], num_samples=1, max_new_tokens=self.max_new_tokens,
+                                      temperature=self.temperature, eos_id=getattr(self.tokenizer, "eos_token_id", None),
+                                      pad_id=pad_id_of(self.tokenizer), generator=self.generator)[0]
+        text = self.tokenizer.decode(sample["tokens"], skip_special_tokens=True)
+        return parse_critique(text, len(split_steps(completion, self.delimiter)))
+
+
+def first_flawed_step(verdicts: Verdicts) -> int:
+    """Index of the earliest flawed step, −1 when none is flawed or the verdict is unparsable (FAPO)."""
+    if verdicts is None:
+        return -1
+    for k, ok in enumerate(verdicts):
+        if not ok:
+            return k
+    return -1
+
