@@ -261,8 +261,7 @@ def test_padding_changes_neither_loss_nor_gradient(name, mode, off_policy):
 # T-MICRO
 
 PARTITIONS = {
-    "two-halves-across-groups": [[0, 3, 1], [4, 2, 5]],
-    "uneven": [[0, 3], [1, 4, 5], [2]],
+    "uneven-across-groups": [[0, 3], [1, 4, 5], [2]],
     "one-row-each": [[i] for i in range(6)],
 }
 
