@@ -6,6 +6,7 @@ batches so probes control exactly which tokens are scored (the loop's ``ctx.scor
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -142,6 +143,19 @@ def segment_of_tokens(ends: Sequence[int], length: int) -> Tensor:
 # -- forward passes -----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run probe passes in eval mode (no dropout) and restore the model's mode afterwards."""
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+
+
 def model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -244,6 +258,12 @@ def score_in_chunks(model, prompts: Sequence[Sequence[int]], completions: Sequen
                     *, chunk: int = 16, with_hidden: bool = False, hidden_layer: int = -1) -> list[dict[str, Tensor]]:
     """Teacher-forced scores of many (prompt, completion) token lists; one dict of unpadded tensors per pair."""
     results: list[dict[str, Tensor]] = []
+    with eval_mode(model):
+        _score_chunks(model, prompts, completions, pad_id, chunk, with_hidden, hidden_layer, results)
+    return results
+
+
+def _score_chunks(model, prompts, completions, pad_id, chunk, with_hidden, hidden_layer, results) -> None:
     for start in range(0, len(prompts), chunk):
         ps, cs = prompts[start : start + chunk], completions[start : start + chunk]
         pid, pmask = pad_left(ps, pad_id)
@@ -254,7 +274,6 @@ def score_in_chunks(model, prompts: Sequence[Sequence[int]], completions: Sequen
         out = completion_forward(model, pid, pmask, cid, with_hidden=with_hidden, hidden_layer=hidden_layer)
         for j, c in enumerate(cs):
             results.append({k: v[j, : len(c)].cpu() for k, v in out.items()})
-    return results
 
 
 def corrupt_prompts(prompt_ids: Tensor, prompt_mask: Tensor, *, mask_prob: float, replacement_id: int,
@@ -286,40 +305,48 @@ def sample_continuations(model, contexts: Sequence[Sequence[int]], *, num_sample
     """
     if temperature <= 0:
         raise ValueError(f"probe sampling temperature must be > 0, got {temperature}")
-    device = model_device(model)
     flat = [list(c) for c in contexts for _ in range(num_samples)]
     results: list[dict[str, Any]] = []
-    for start in range(0, len(flat), chunk):
-        ids, mask = pad_left(flat[start : start + chunk], pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        n = ids.shape[0]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, last_pos = out.past_key_values, positions[:, -1:]
-        logits = out.logits[:, -1]
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        logps: list[list[float]] = [[] for _ in range(n)]
-        entropies: list[list[float]] = [[] for _ in range(n)]
-        done = torch.zeros(n, dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            logp = torch.log_softmax(logits.float() / temperature, dim=-1).cpu()
-            entropy = -(logp.exp() * logp).sum(-1)
-            nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-            for j in (~done).nonzero().flatten().tolist():
-                tokens[j].append(int(nxt[j]))
-                logps[j].append(float(logp[j, nxt[j]]))
-                entropies[j].append(float(entropy[j]))
-            if eos_id is not None:
-                done = done | (nxt == eos_id)
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
-            last_pos = last_pos + 1
-            out = model(input_ids=nxt[:, None].to(device), attention_mask=mask, position_ids=last_pos,
-                        past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
-        for j in range(n):
-            results.append({"tokens": tokens[j], "logp": torch.tensor(logps[j]), "entropy": torch.tensor(entropies[j])})
+    with eval_mode(model):
+        for start in range(0, len(flat), chunk):
+            results.extend(_sample_chunk(model, flat[start : start + chunk], max_new_tokens, temperature, eos_id, pad_id,
+                                         generator))
+    return results
+
+
+def _sample_chunk(model, flat, max_new_tokens, temperature, eos_id, pad_id, generator) -> list[dict[str, Any]]:
+    device = model_device(model)
+    results: list[dict[str, Any]] = []
+    ids, mask = pad_left(flat, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    n = ids.shape[0]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache, last_pos = out.past_key_values, positions[:, -1:]
+    logits = out.logits[:, -1]
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logps: list[list[float]] = [[] for _ in range(n)]
+    entropies: list[list[float]] = [[] for _ in range(n)]
+    done = torch.zeros(n, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1).cpu()
+        entropy = -(logp.exp() * logp).sum(-1)
+        nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        for j in (~done).nonzero().flatten().tolist():
+            tokens[j].append(int(nxt[j]))
+            logps[j].append(float(logp[j, nxt[j]]))
+            entropies[j].append(float(entropy[j]))
+        if eos_id is not None:
+            done = done | (nxt == eos_id)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
+        last_pos = last_pos + 1
+        out = model(input_ids=nxt[:, None].to(device), attention_mask=mask, position_ids=last_pos,
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    for j in range(n):
+        results.append({"tokens": tokens[j], "logp": torch.tensor(logps[j]), "entropy": torch.tensor(entropies[j])})
     return results
 
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from policylab.algo.advantages_probe.common import BaseAdvantage, completion_forward, group_rank, require_rewards, zero_failed
+from policylab.algo.advantages_probe.common import (
+    BaseAdvantage,
+    completion_forward,
+    eval_mode,
+    group_rank,
+    require_rewards,
+    zero_failed,
+)
 from policylab.algo.group_stats import group_index, group_mean_std, nan_to_zero
 from policylab.registry import register
 from policylab.rollouts import Rollouts
@@ -22,7 +29,7 @@ def _forward_rows(ctx, rollouts: Rollouts, batch_size: int, *, hidden_layer: int
         raise ValueError("this advantage needs ctx.model in prepare() for its hidden-state pass")
     for start in range(0, rollouts.batch_size, batch_size):
         rows = list(range(start, min(start + batch_size, rollouts.batch_size)))
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(ctx.model):
             out = completion_forward(ctx.model, rollouts.prompt_ids[rows], rollouts.prompt_mask[rows],
                                      rollouts.completion_ids[rows], with_hidden=True, hidden_layer=hidden_layer,
                                      with_prompt_hidden=prompt_hidden)
