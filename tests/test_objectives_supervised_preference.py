@@ -1,0 +1,305 @@
+"""DPO (§3.8), KTO (§3.7), CoPG (§3.6), TRPA (§3.5), the online pair construction and the offline pair tasks."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from policylab import registry
+from policylab.algo.objectives_supervised.preference import (
+    copg_pair_losses,
+    dpo_pair_losses,
+    kto_losses,
+    labelled_pairs,
+    mismatched_partners,
+    preference_levels,
+    preference_pairs,
+    trpa_pair_losses,
+)
+from policylab.config import load_recipe
+from policylab.rollouts import Normaliser, PolicyOutputs, Rollouts
+from policylab.tasks.files import DatasetError
+from policylab.tasks.pairs import has_pair_rows, pair_rollouts
+
+
+def make_batch(rewards, lengths, group, *, seed=0, ref_shift=0.0):
+    width = max(lengths)
+    b = len(rewards)
+    mask = torch.zeros(b, width)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    gen = torch.Generator().manual_seed(seed)
+    logp = torch.log(torch.rand(b, width, generator=gen) * 0.8 + 0.1)
+    batch = Rollouts(
+        prompt_ids=torch.ones(b, 2, dtype=torch.long), prompt_mask=torch.ones(b, 2),
+        completion_ids=torch.arange(b * width).reshape(b, width) % 40 + 2, completion_mask=mask,
+        group=torch.tensor(group), truncated=torch.zeros(b, dtype=torch.bool),
+        rewards=torch.tensor(rewards, dtype=torch.float32), old_logp=logp.clone(), ref_logp=logp.clone() + ref_shift,
+        prompts=[f"p{g}" for g in group], completions=[f"c{i}" for i in range(b)], rows=[{"prompt": f"p{g}"} for g in group],
+    )
+    return batch, logp
+
+
+def total_of(loss, mask):
+    return registry.build("aggregate", "seq-mean-token-sum")(loss * mask, mask, Normaliser.of(mask, 8))
+
+
+class FakeTokenizer:
+    pad_token_id, eos_token_id = 0, 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [2 + (ord(c) % 40) for c in text]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# DPO
+
+
+def test_dpo_spec_numbers():
+    loss, margin = dpo_pair_losses(torch.tensor(1.0), torch.tensor(-1.0), torch.tensor(0.0), torch.tensor(0.0), beta=0.1)
+    assert loss.item() == pytest.approx(0.598139, abs=1e-6) and margin.item() == pytest.approx(2.0)
+    same, _ = dpo_pair_losses(torch.tensor(-3.0), torch.tensor(-5.0), torch.tensor(-3.0), torch.tensor(-5.0), beta=0.1)
+    assert same.item() == pytest.approx(math.log(2), abs=1e-7)
+    swapped, _ = dpo_pair_losses(torch.tensor(-1.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.0), beta=0.1)
+    assert swapped.item() > loss.item()
+
+
+def test_dpo_objective_on_labelled_pairs_gives_the_mean_pair_loss_and_its_gradient():
+    batch, logp = make_batch([1.0, 0.0, 1.0, 0.0], [2, 3, 1, 2], [0, 0, 1, 1])
+    batch.extras["pref_label"] = torch.tensor([1, -1, 1, -1])
+    leaf = logp.clone().requires_grad_(True)
+    loss, metrics = registry.build("objective", "dpo", {"beta": 0.1})(PolicyOutputs(leaf), batch)
+    total = total_of(loss, batch.completion_mask)
+    total.backward()
+    assert total.item() == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
+    m = batch.completion_mask
+    expected = torch.tensor([-1.0, 1.0, -1.0, 1.0])[:, None] * 0.1 * 0.5 / 2 * m  # -(1/P) beta sigmoid(0) per chosen token
+    assert torch.allclose(leaf.grad, expected, atol=1e-7)
+    assert metrics["dpo/pairs"].item() == 2
+
+
+def test_dpo_sft_term_adds_the_chosen_token_mean_nll():
+    batch, logp = make_batch([1.0, 0.0], [2, 3], [0, 0])
+    batch.extras["pref_label"] = torch.tensor([1, -1])
+    base, _ = registry.build("objective", "dpo")(PolicyOutputs(logp), batch)
+    with_sft, _ = registry.build("objective", "dpo", {"sft_weight": 0.5})(PolicyOutputs(logp), batch)
+    m = batch.completion_mask
+    nll_chosen = -(logp[0, :2]).mean()
+    assert (total_of(with_sft, m) - total_of(base, m)).item() == pytest.approx(0.5 * nll_chosen.item(), abs=1e-6)
+
+
+def test_online_pairs_best_worst_all_and_correct_incorrect():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.0, float("nan"), 1.0, 1.0])
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    lengths = torch.tensor([3, 5, 7, 2, 4, 4, 3, 3])
+    best_worst = preference_pairs(rewards, group, mode="best_worst", lengths=lengths)
+    assert best_worst.tolist() == [[2, 1]]  # longest correct vs the worst; group 1 has one usable row; group 2 ties
+    all_pairs = {tuple(p) for p in preference_pairs(rewards, group, mode="all").tolist()}
+    assert all_pairs == {(0, 1), (0, 3), (2, 1), (2, 3), (3, 1)}
+    ci = {tuple(p) for p in preference_pairs(rewards, group, mode="correct_incorrect").tolist()}
+    assert ci == {(0, 1), (0, 3), (2, 1), (2, 3)}
+    assert labelled_pairs(torch.tensor([1, -1, -1, 0]), torch.tensor([0, 0, 1, 1])).tolist() == [[0, 1]]
+    with pytest.raises(ValueError, match="pair mode"):
+        preference_pairs(rewards, group, mode="random")
+
+
+def test_dpo_online_pairs_skip_equal_reward_prompts():
+    batch, logp = make_batch([1.0, 1.0, 1.0, 0.0], [2, 3, 1, 2], [0, 0, 1, 1])
+    leaf = logp.clone().requires_grad_(True)
+    loss, _ = registry.build("objective", "dpo")(PolicyOutputs(leaf), batch)
+    total_of(loss, batch.completion_mask).backward()
+    assert torch.all(leaf.grad[:2] == 0) and leaf.grad[2:].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# KTO
+
+
+def test_kto_spec_numbers_and_detached_reference_point():
+    z0 = torch.tensor(0.5, requires_grad=True)
+    r = torch.tensor([1.0, -1.0], requires_grad=True)
+    loss = kto_losses(r, torch.tensor([True, False]), z0, beta=0.1)
+    assert torch.allclose(loss, torch.tensor([0.487503, 0.462570]), atol=1e-6)
+    loss.sum().backward()
+    assert z0.grad is None and r.grad.abs().sum() > 0
+
+
+def test_kto_all_desirable_batch_still_trains():
+    batch, logp = make_batch([1.0, 1.0, 1.0], [2, 3, 1], [0, 0, 0], ref_shift=-0.2)
+    leaf = logp.clone().requires_grad_(True)
+    loss, _ = registry.build("objective", "kto", {"reference_point": "zero"})(PolicyOutputs(leaf), batch)
+    total_of(loss, batch.completion_mask).backward()
+    assert torch.all(leaf.grad[batch.completion_mask > 0] < 0)  # raise every desirable completion
+
+
+def test_kto_mismatched_partners_skip_rows_of_the_same_prompt():
+    assert mismatched_partners(torch.tensor([0, 0, 1, 1])).tolist() == [2, 2, 0, 0]
+    assert mismatched_partners(torch.tensor([5, 5, 5])).tolist() == [-1, -1, -1]
+
+
+def test_kto_prepare_estimates_z0_from_mismatched_completions():
+    batch, _ = make_batch([1.0, 0.0, 1.0, 0.0], [2, 3, 1, 2], [0, 0, 1, 1])
+    ref_model = object()
+
+    def score(rollouts, model=None, with_hidden=False):  # policy 0.1/token above the reference
+        value = -0.2 if model is ref_model else -0.1
+        return PolicyOutputs(logp=value * rollouts.completion_mask)
+
+    ctx = SimpleNamespace(config=load_recipe("kto"), score=score, ref_model=ref_model, tokenizer=None)
+    kto = registry.build("objective", "kto")
+    out = kto.prepare(batch, ctx)
+    # partners [2,2,0,0] have lengths [1,1,2,2]: mean(0.1 * length) = 0.15
+    assert out.extras["kto_z0"].item() == pytest.approx(0.15, abs=1e-6)
+    loss, metrics = kto(PolicyOutputs(batch.old_logp.clone()), out)
+    assert metrics["kto/kl"].item() == pytest.approx(0.15, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CoPG
+
+
+def test_copg_spec_numbers_and_symmetry():
+    lr_y = torch.tensor(0.2, requires_grad=True)
+    lr_other = torch.tensor(-0.1, requires_grad=True)
+    loss = copg_pair_losses(torch.tensor(1.0), torch.tensor(0.0), lr_y, lr_other, beta=0.1)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.9409, abs=1e-6)
+    assert lr_y.grad.item() == pytest.approx(-0.194, abs=1e-6) and lr_other.grad.item() == pytest.approx(0.194, abs=1e-6)
+    back = copg_pair_losses(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(-0.1), torch.tensor(0.2), beta=0.1)
+    assert back.item() == pytest.approx(loss.item())
+
+
+def test_copg_objective_gradient_reaches_every_token_of_the_sequence():
+    batch, logp = make_batch([1.0, 0.0], [2, 3], [0, 0])
+    # sequence log-ratios 0.2 and -0.1 spread over the tokens
+    batch.ref_logp = logp.clone()
+    batch.ref_logp[0, :2] -= 0.1
+    batch.ref_logp[1, :3] += 0.1 / 3
+    leaf = logp.clone().requires_grad_(True)
+    loss, _ = registry.build("objective", "copg", {"beta": 0.1})(PolicyOutputs(leaf), batch)
+    total = total_of(loss, batch.completion_mask)
+    total.backward()
+    assert total.item() == pytest.approx(0.9409, abs=1e-5)
+    assert torch.allclose(leaf.grad[0, :2], torch.full((2,), -0.194), atol=1e-5)
+    assert torch.allclose(leaf.grad[1, :3], torch.full((3,), 0.194), atol=1e-5)
+
+
+def test_copg_fixed_point_has_zero_loss_and_gradient():
+    batch, logp = make_batch([1.0, 0.0, 0.5], [2, 3, 1], [0, 0, 0])
+    beta, c = 0.1, 0.7
+    batch.ref_logp = logp.clone()
+    for i, reward in enumerate([1.0, 0.0, 0.5]):  # log-ratio_i = R_i/beta + c, put on the first token
+        batch.ref_logp[i, 0] -= reward / beta + c
+    leaf = logp.clone().requires_grad_(True)
+    loss, _ = registry.build("objective", "copg", {"beta": beta})(PolicyOutputs(leaf), batch)
+    total = total_of(loss, batch.completion_mask)
+    total.backward()
+    assert total.item() == pytest.approx(0.0, abs=1e-8)
+    assert leaf.grad.abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# TRPA
+
+
+def test_trpa_spec_numbers():
+    high = trpa_pair_losses(torch.tensor(0.1), torch.tensor(-0.1), torch.tensor(1), beta=0.1, anisotropy=2.5)
+    low = trpa_pair_losses(torch.tensor(0.1), torch.tensor(-0.1), torch.tensor(2), beta=0.1, anisotropy=2.5)
+    assert high.item() == pytest.approx(0.668460, abs=1e-6)
+    assert low.item() == pytest.approx(0.683197, abs=1e-6)
+    swapped = trpa_pair_losses(torch.tensor(-0.1), torch.tensor(0.1), torch.tensor(1), beta=0.1, anisotropy=2.5)
+    assert swapped.item() > high.item()
+
+
+def test_trpa_levels_from_rewards_and_format():
+    batch, _ = make_batch([1.0, 0.0, float("nan"), 0.0], [1, 1, 1, 1], [0, 0, 0, 0])
+    batch.reward_components = {"format": torch.tensor([1.0, 1.0, 1.0, 0.0])}
+    assert preference_levels(batch).tolist() == [1, 2, 3, 4]
+    batch.extras["pref_level"] = torch.tensor([2, 2, 1, 4])
+    assert preference_levels(batch).tolist() == [2, 2, 1, 4]
+
+
+def test_trpa_equal_level_prompt_adds_no_pair_and_uses_no_fallback_when_pairs_exist():
+    # group 0: level 1 vs level 2 ; group 1: all level 1 (no pair there)
+    batch, logp = make_batch([1.0, 0.0, 1.0, 1.0], [2, 2, 1, 3], [0, 0, 1, 1])
+    batch.ref_logp = logp.clone()
+    batch.ref_logp[0, :2] -= 0.1  # l_0 = +0.1
+    batch.ref_logp[1, :2] += 0.1  # l_1 = -0.1
+    loss, metrics = registry.build("objective", "trpa", {"tr_kl_coef": 0.0})(PolicyOutputs(logp.clone()), batch)
+    assert total_of(loss, batch.completion_mask).item() == pytest.approx(0.668460, abs=1e-6)
+    assert metrics["trpa/pairs"].item() == 1
+
+
+def test_trpa_fallback_and_trust_region():
+    batch, logp = make_batch([1.0, 1.0], [2, 2], [0, 0])
+    batch.ref_logp = logp.clone()
+    batch.ref_logp[0, :2] -= 0.3  # l_0 = 0.3, level 1: fallback -log sigmoid(+0.3); l_1 = 0
+    loss, _ = registry.build("objective", "trpa", {"tr_kl_coef": 0.0})(PolicyOutputs(logp.clone()), batch)
+    expected = (-torch.nn.functional.logsigmoid(torch.tensor(0.3)) + math.log(2)) / 2
+    assert total_of(loss, batch.completion_mask).item() == pytest.approx(expected.item(), abs=1e-6)
+    # trust region: k3(logp, old) mean times the coefficient
+    batch.old_logp = logp - 0.2
+    with_tr, metrics = registry.build("objective", "trpa", {"tr_kl_coef": 1.0})(PolicyOutputs(logp.clone()), batch)
+    k3 = math.exp(-0.2) - 1 + 0.2
+    assert metrics["trpa/tr_kl_loss"].item() == pytest.approx(k3, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# offline pairs: tasks and conversion
+
+
+def test_pairs_task_loads_and_rejects_bad_rows(tmp_path):
+    good = tmp_path / "pairs.jsonl"
+    good.write_text("\n".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) for i in range(10)))
+    task = registry.build("task", "pairs", {"path": str(good)})()
+    assert len(task.train) + len(task.eval) == 10 and has_pair_rows(task.train)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "chosen": "yes"}) + "\n")
+    with pytest.raises(DatasetError, match=r"bad.jsonl:1.*rejected"):
+        registry.build("task", "pairs", {"path": str(bad)})()
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")
+    with pytest.raises(DatasetError, match="identical"):
+        registry.build("task", "pairs", {"path": str(same)})()
+
+
+def test_arithmetic_pairs_rows_have_a_correct_chosen_and_a_wrong_rejected():
+    task = registry.build("task", "arithmetic_pairs", {"train_size": 20, "eval_size": 5})()
+    for row in task.train:
+        assert row["chosen"] == row["answer"] == str(eval(row["expression"]))
+        assert row["rejected"] != row["chosen"]
+
+
+def test_pair_rollouts_turn_each_prompt_into_chosen_and_rejected_rows():
+    rows = [{"prompt": "What?", "chosen": "ab", "rejected": "xyz"}, {"prompt": "Who?", "chosen": "c", "rejected": "de"}]
+    generated = Rollouts(
+        prompt_ids=torch.tensor([[0, 5, 6], [7, 8, 9], [7, 8, 9]]), prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1.0]]),
+        completion_ids=torch.ones(3, 2, dtype=torch.long), completion_mask=torch.ones(3, 2), group=torch.tensor([4, 9, 9]),
+        truncated=torch.zeros(3, dtype=torch.bool), prompts=["What?", "Who?", "Who?"], completions=["", "", ""],
+        rows=[rows[0], rows[1], rows[1]], rewards=torch.zeros(3), extras={"max_new_tokens": 4},
+    )
+    out = pair_rollouts(generated, FakeTokenizer())
+    assert out.batch_size == 4 and out.group.tolist() == [0, 0, 1, 1]
+    assert out.extras["pref_label"].tolist() == [1, -1, 1, -1] and out.rewards.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert out.completion_mask.sum(-1).tolist() == [3, 4, 2, 3]  # text + EOS
+    assert out.completion_ids[1, 3].item() == FakeTokenizer.eos_token_id
+    assert out.prompt_ids[0].tolist() == [0, 5, 6] and out.prompt_mask[0].tolist() == [0, 1, 1]
+    assert out.completions == ["ab", "xyz", "c", "de"] and out.extras["max_new_tokens"] == 4
+
+
+def test_dpo_prepare_converts_pair_rows_and_checks_the_recipe():
+    rows = [{"prompt": "What?", "chosen": "ab", "rejected": "xyz"}]
+    generated = Rollouts(
+        prompt_ids=torch.tensor([[5, 6]]), prompt_mask=torch.ones(1, 2), completion_ids=torch.ones(1, 2, dtype=torch.long),
+        completion_mask=torch.ones(1, 2), group=torch.tensor([0]), truncated=torch.zeros(1, dtype=torch.bool),
+        prompts=["What?"], completions=["12"], rows=rows, rewards=torch.zeros(1),
+    )
+    dpo = registry.build("objective", "dpo")
+    out = dpo.prepare(generated, SimpleNamespace(config=load_recipe("dpo"), tokenizer=FakeTokenizer()))
+    assert out.batch_size == 2 and out.extras["pref_label"].tolist() == [1, -1]
+    with pytest.raises(ValueError, match="seq-mean-token-sum"):
+        dpo.prepare(generated, SimpleNamespace(config=load_recipe("grpo"), tokenizer=FakeTokenizer()))
