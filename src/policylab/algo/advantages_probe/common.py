@@ -369,3 +369,29 @@ def zero_failed(adv: Tensor, rollouts: Rollouts) -> Tensor:
         return adv
     shape = (-1,) + (1,) * (adv.dim() - 1)
     return torch.where(failed.view(shape).to(adv.device), torch.zeros_like(adv), adv)
+
+
+@torch.no_grad()
+def perturbed_prompt_logp(rollouts: Rollouts, ctx, *, mask_prob: float, protect_last: int, generator: torch.Generator,
+                          batch_size: int = 16) -> Tensor:
+    """[B,T] log-probs of the same completions under corrupted prompts (text analogue of a masked image;
+    VPPO D3 "aug", PAPO E6). Uses the loop's scorer when it has one (same temperature as the policy's
+    log-probs), else a plain teacher-forced pass."""
+    if ctx is None or getattr(ctx, "model", None) is None:
+        raise ValueError("a perturbed-prompt pass needs ctx.model in prepare()")
+    tok = getattr(ctx, "tokenizer", None)
+    replacement = getattr(tok, "unk_token_id", None)
+    if replacement is None:
+        replacement = pad_id_of(tok) if tok is not None else 0
+    corrupted = corrupt_prompts(rollouts.prompt_ids, rollouts.prompt_mask, mask_prob=mask_prob,
+                                replacement_id=int(replacement), generator=generator, protect_last=protect_last)
+    aug = rollouts.with_(prompt_ids=corrupted)
+    if getattr(ctx, "score", None) is not None:
+        return ctx.score(aug).logp.float().cpu() * rollouts.completion_mask
+    out = torch.zeros(rollouts.completion_ids.shape)
+    with eval_mode(ctx.model):
+        for start in range(0, rollouts.batch_size, batch_size):
+            rows = slice(start, start + batch_size)
+            res = completion_forward(ctx.model, corrupted[rows], rollouts.prompt_mask[rows], rollouts.completion_ids[rows])
+            out[rows] = res["logp"].float().cpu()
+    return out * rollouts.completion_mask
