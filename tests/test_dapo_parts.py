@@ -130,3 +130,32 @@ def test_failed_rewards_do_not_make_a_group_look_informative():
 def test_unknown_metric_is_a_clear_error():
     with pytest.raises(ValueError, match="seq_final"):
         keep(make([1.0, 0.0], [0, 0]), metric="seq_final")
+
+
+# ---- data_agents_eval.md A1: multi-round dynamic sampling (written by the lead with the loop refactor) ----
+from policylab.sampling.dynamic import NotEnoughInformativeGroups, collect_informative_groups  # noqa: E402
+from policylab.sampling.filters import keep_nonzero_variance  # noqa: E402
+
+
+def _round(rewards_per_group, offset):
+    g = len(rewards_per_group[0])
+    b = g * len(rewards_per_group)
+    r = Rollouts(prompt_ids=torch.ones(b, 1, dtype=torch.long), prompt_mask=torch.ones(b, 1),
+                 completion_ids=torch.ones(b, 2, dtype=torch.long), completion_mask=torch.ones(b, 2),
+                 group=torch.arange(len(rewards_per_group)).repeat_interleave(g) + offset,
+                 truncated=torch.zeros(b, dtype=torch.bool))
+    r.rewards = torch.tensor([x for grp in rewards_per_group for x in grp], dtype=torch.float32)
+    return r
+
+
+def test_a1_two_rounds_fill_exactly_b_groups_in_order():
+    rounds = [[[1, 1, 1, 1], [1, 0, 0, 0]], [[0, 1, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]]]
+    batch, stats = collect_informative_groups(lambda i: _round(rounds[i], 10 * i), keep_nonzero_variance, 2, 10)
+    assert batch.batch_size == 8  # exactly B*G trajectories
+    assert torch.unique(batch.group).tolist() == [1, 10]  # the first informative groups, in order
+    assert stats["groups/gen_rounds"] == 2
+
+
+def test_a1_exhausted_rounds_raise_instead_of_training_on_nothing():
+    with pytest.raises(NotEnoughInformativeGroups, match="0 of 2 prompt groups"):
+        collect_informative_groups(lambda i: _round([[0, 0, 0, 0], [0, 0, 0, 0]], 10 * i), keep_nonzero_variance, 2, 1)

@@ -58,7 +58,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF into a plain HF folder (written under a temporary name, then renamed)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
     folder, name = str(gguf_file.parent), gguf_file.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -74,12 +74,12 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     plain.generation_config = loaded.generation_config
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if out_dir.exists():  # another process finished first
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process finished first; its folder is identical
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
     return out_dir
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -40,11 +42,13 @@ def warm_tiny_folder(sft_steps: int | None = None) -> Path:
     tokenizer = models.tiny_tokenizer()
     model = models.tiny_model(tokenizer, seed=TINY_MODEL_SEED)
     supervised_warmup(model, tokenizer, tiny_arithmetic().train, **warm)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # parallel test workers may build it at once
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.exists():
+    try:
         tmp.rename(out)
+    except OSError:  # another process renamed its copy first; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
     torch.set_rng_state(rng_state)
     return out

@@ -21,6 +21,7 @@ from policylab import models, registry
 from policylab.config import Recipe, load_recipe, recipe_to_dict
 from policylab.rollout.hf import SamplingSettings
 from policylab.rollouts import PolicyOutputs, Rollouts
+from policylab.sampling.dynamic import NotEnoughInformativeGroups, collect_informative_groups
 from policylab.tasks import Task
 from policylab.train import checkpoint
 from policylab.train.components import Components, build_components, hook, needs_reference
@@ -135,49 +136,37 @@ class Trainer:
             metrics.update({k: float(v) for k, v in shaping_metrics.items()})
         return metrics
 
+    def generate_round(self, n_prompts: int, group_offset: int, metrics: dict[str, float]) -> Rollouts:
+        """Sample prompts, generate G completions each and score them (one generation round)."""
+        rows = [self.task.train[i] for i in self.parts.sampler.next_batch(n_prompts)]
+        t0 = time.perf_counter()
+        batch = self.parts.engine.generate(self.model, self.tokenizer, rows, self.sampling, group_offset=group_offset)
+        metrics["time/generate_s"] = metrics.get("time/generate_s", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        metrics.update(self.score_rewards(batch))
+        metrics["time/reward_s"] = metrics.get("time/reward_s", 0.0) + time.perf_counter() - t0
+        if torch.isnan(batch.rewards).all():
+            raise TrainingError("every reward in the batch failed (reward functions raised or returned None); "
+                                "see the warnings above for the first errors")
+        return batch
+
     def collect(self) -> tuple[Rollouts, dict[str, float]]:
-        """Generate and score one batch; with a group filter, keep generating until enough groups survive
-        (DAPO dynamic sampling, data_agents_eval.md A1)."""
+        """One scored batch; with a group filter, DAPO dynamic sampling (data_agents_eval.md A1)."""
         cfg, rollout_cfg = self.recipe.train, self.recipe.rollout
         metrics: dict[str, float] = {}
-        kept: list[Rollouts] = []
-        kept_groups, rounds, dropped, seen_groups, next_group = 0, 0, 0, 0, 0
-        while True:
-            n = (rollout_cfg.gen_prompts_per_round or cfg.prompts_per_step) if self.parts.group_filter else cfg.prompts_per_step
-            rows = [self.task.train[i] for i in self.parts.sampler.next_batch(n)]
-            t0 = time.perf_counter()
-            batch = self.parts.engine.generate(self.model, self.tokenizer, rows, self.sampling, group_offset=next_group)
-            metrics["time/generate_s"] = metrics.get("time/generate_s", 0.0) + time.perf_counter() - t0
-            next_group += len(rows)
-            t0 = time.perf_counter()
-            metrics.update(self.score_rewards(batch))
-            metrics["time/reward_s"] = metrics.get("time/reward_s", 0.0) + time.perf_counter() - t0
-            if torch.isnan(batch.rewards).all():
-                raise TrainingError("every reward in the batch failed (reward functions raised or returned None); "
-                                    "see the warnings above for the first errors")
-            rounds += 1
-            seen_groups += len(rows)
-            if self.parts.group_filter is None:
-                metrics["groups/filtered_frac"] = 0.0
-                return batch, metrics
-            keep_group = self.parts.group_filter(batch)
-            unique_groups = torch.unique(batch.group)
-            survivors = unique_groups[keep_group]
-            dropped += int((~keep_group).sum())
-            kept.append(batch.select(torch.isin(batch.group, survivors)))
-            kept_groups += int(survivors.numel())
-            if kept_groups >= cfg.prompts_per_step:
-                merged = Rollouts.concat(kept)
-                first_groups = torch.unique_consecutive(merged.group)[: cfg.prompts_per_step]
-                merged = merged.select(torch.isin(merged.group, first_groups))
-                merged.extras["max_new_tokens"] = self.sampling.max_new_tokens
-                metrics.update({"groups/filtered_frac": dropped / seen_groups, "groups/gen_rounds": float(rounds)})
-                return merged, metrics
-            if 0 < rollout_cfg.max_gen_batches <= rounds:
-                raise TrainingError(
-                    f"dynamic sampling: only {kept_groups} of {cfg.prompts_per_step} prompt groups had non-identical "
-                    f"rewards after {rounds} generation rounds (rollout.max_gen_batches); the data is too hard or too "
-                    "easy for the model — raise rollout.max_gen_batches or change the task")
+        if self.parts.group_filter is None:
+            batch = self.generate_round(cfg.prompts_per_step, 0, metrics)
+            metrics["groups/filtered_frac"] = 0.0
+            return batch, metrics
+        per_round = rollout_cfg.gen_prompts_per_round or cfg.prompts_per_step
+        try:
+            batch, stats = collect_informative_groups(
+                lambda r: self.generate_round(per_round, r * per_round, metrics),
+                self.parts.group_filter, cfg.prompts_per_step, rollout_cfg.max_gen_batches)
+        except NotEnoughInformativeGroups as err:
+            raise TrainingError(str(err)) from None
+        metrics.update(stats)
+        return batch, metrics
 
     def prepare(self, batch: Rollouts) -> Rollouts:
         if self.recipe.algorithm.mask_truncated:
