@@ -1,0 +1,177 @@
+"""T-PPO (objectives.md §2.10) and the critic pieces it needs (policylab.algo.value; advantages_rewards.md A6)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from policylab import registry
+from policylab.algo.objectives_ratio.truncated import BOOTSTRAP_KEY, DONE_KEY, RETURNS_KEY, VALUES_KEY
+from policylab.algo.value import ValueHead, clipped_value_loss, gae, outcome_token_rewards
+from policylab.rollouts import PolicyOutputs
+from test_objectives_ratio_common import aggregate, grad_of, make_batch
+
+ONES3 = torch.ones(1, 3)
+
+
+def test_egae_completed_response_with_gamma_lambda_one_is_return_minus_value():
+    values = torch.tensor([[0.2, 0.5, 0.9]])
+    rewards = outcome_token_rewards(torch.tensor([1.0]), ONES3, torch.tensor([True]))
+    adv, ret = gae(rewards, values, ONES3, gamma=1.0, lam=1.0)
+    assert torch.allclose(adv, 1.0 - values)
+    assert torch.allclose(ret, torch.ones(1, 3))
+
+
+def test_egae_truncated_with_constant_values_has_zero_advantages():
+    values = torch.full((1, 3), 0.5)
+    rewards = outcome_token_rewards(torch.tensor([1.0]), ONES3, torch.tensor([False]))
+    assert torch.all(rewards == 0)  # an unfinished response has no reward yet
+    adv, _ = gae(rewards, values, ONES3, gamma=1.0, lam=0.95, bootstrap=torch.tensor([0.5]))
+    assert torch.allclose(adv, torch.zeros(1, 3))
+
+
+def test_egae_truncated_numbers():
+    adv, _ = gae(torch.zeros(1, 3), torch.tensor([[0.2, 0.4, 0.6]]), ONES3, gamma=1.0, lam=0.5, bootstrap=torch.tensor([0.9]))
+    assert torch.allclose(adv, torch.tensor([[0.375, 0.35, 0.3]]))
+
+
+def test_gae_a6_numbers_and_masked_middle_token():
+    rewards, values = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.6, 0.7]])
+    adv, ret = gae(rewards, values, ONES3, gamma=1.0, lam=0.95)
+    assert torch.allclose(adv, torch.tensor([[0.46575, 0.385, 0.3]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[0.96575, 0.985, 1.0]]), atol=1e-6)
+    adv, _ = gae(rewards, values, ONES3, gamma=1.0, lam=1.0)
+    assert torch.allclose(adv, torch.tensor([[0.5, 0.4, 0.3]]))
+    # masked middle token: token 0 chains to token 2 (delta_0 = 0 + V_2 - V_0 = 0.2; A_0 = 0.2 + 0.95 * 0.3)
+    adv, _ = gae(rewards, values, torch.tensor([[1.0, 0.0, 1.0]]), gamma=1.0, lam=0.95)
+    assert torch.allclose(adv, torch.tensor([[0.2 + 0.95 * 0.3, 0.0, 0.3]]), atol=1e-6)
+
+
+def test_clipped_value_loss_numbers():
+    loss, clipped = clipped_value_loss(torch.tensor([1.5]), torch.tensor([0.5]), torch.tensor([1.0]), clip=0.5)
+    assert float(loss) == pytest.approx(0.125) and not clipped.any()
+    loss, clipped = clipped_value_loss(torch.tensor([0.2]), torch.tensor([0.0]), torch.tensor([2.0]), clip=0.1)
+    assert float(loss) == pytest.approx(0.5 * 1.9**2) and clipped.all()
+    loss, _ = clipped_value_loss(torch.tensor([0.2]), torch.tensor([0.0]), torch.tensor([2.0]), clip=None)
+    assert float(loss) == pytest.approx(0.5 * 1.8**2)
+
+
+def test_value_head_starts_at_zero():
+    head = ValueHead(4)
+    assert torch.all(head(torch.randn(2, 3, 4)) == 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the component: prepare writes the critic's estimates, egae reads them, the call trains the head
+
+
+HIDDEN = 4
+
+
+def fake_hidden(ids, mask):
+    """A deterministic 'model': the state before token t encodes the previous tokens (here: their count and sum)."""
+    b, t = ids.shape
+    prev = torch.cat([torch.zeros(b, 1), ids[:, :-1].float()], dim=1)
+    csum = torch.cumsum(prev, dim=1)
+    position = torch.arange(t).float().expand(b, t)
+    return torch.stack([torch.ones(b, t), position / 4, csum / 10, prev / 5], dim=-1)
+
+
+def fake_ctx():
+    calls = []
+
+    def score(rollouts, model=None, with_hidden=False):
+        calls.append(rollouts)
+        assert with_hidden
+        hidden = fake_hidden(rollouts.completion_ids, rollouts.completion_mask)
+        return PolicyOutputs(logp=torch.zeros(hidden.shape[:2]), hidden=hidden)
+
+    return SimpleNamespace(score=score, step=0, config=None), calls
+
+
+def tppo_batch():
+    ids = torch.tensor([[3, 4, 5, 0], [3, 6, 7, 8]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    batch, leaf = make_batch(torch.full((2, 4), -1.0).tolist(), None, None, ids=ids, mask=mask, rewards=[1.0, 0.3],
+                             truncated=[False, True])
+    return batch, leaf
+
+
+def test_tppo_prepare_scores_one_position_past_the_end_and_egae_bootstraps_truncated_rows():
+    batch, _ = tppo_batch()
+    objective = registry.build("objective", "t_ppo")
+    ctx, calls = fake_ctx()
+    objective.prepare(batch, ctx)
+    with torch.no_grad():  # give the head a known non-zero value function
+        objective.head.linear.weight.copy_(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    prepared = objective.prepare(batch, ctx)
+    scored = calls[-1]
+    assert scored.completion_ids.shape[1] == 5 and scored.completion_mask[1, 4] == 1 and scored.completion_mask[0, 3] == 1
+    values_all = objective.head(fake_hidden(scored.completion_ids, scored.completion_mask)).detach()
+    assert torch.allclose(prepared.extras[VALUES_KEY], values_all[:, :4] * batch.completion_mask)
+    assert prepared.extras[DONE_KEY].tolist() == [True, False]
+    assert float(prepared.extras[BOOTSTRAP_KEY][0]) == 0.0
+    assert float(prepared.extras[BOOTSTRAP_KEY][1]) == pytest.approx(float(values_all[1, 4]))
+    adv = registry.build("advantage", "egae", {"gamma": 1.0, "lam": 1.0})(prepared)
+    # finished row: R - V(s_t); truncated row: V(s_4) - V(s_t), its reward ignored
+    assert torch.allclose(adv[0, :3], 1.0 - values_all[0, :3], atol=1e-6)
+    assert torch.allclose(adv[1], values_all[1, 4] - values_all[1, :4], atol=1e-6)
+    # critic targets: lambda_critic = 1 -> MC return on finished rows
+    assert torch.allclose(prepared.extras[RETURNS_KEY][0, :3], torch.ones(3), atol=1e-6)
+
+
+def test_tppo_trains_its_value_head_on_finished_rows_only():
+    batch, logp = tppo_batch()
+    objective = registry.build("objective", "t_ppo", {"value_lr": 0.05, "value_clip": None})
+    ctx, _ = fake_ctx()
+    losses = []
+    for _ in range(60):
+        prepared = objective.prepare(batch, ctx)
+        prepared.advantages = registry.build("advantage", "egae")(prepared)
+        leaf = logp.detach().clone().requires_grad_(True)
+        hidden = fake_hidden(batch.completion_ids, batch.completion_mask)
+        loss, metrics = objective(PolicyOutputs(logp=leaf, hidden=hidden), prepared)
+        aggregate(loss, prepared).backward()
+        objective.after_step(metrics)
+        losses.append(float(metrics["value/loss"]))
+    assert losses[-1] < 0.05 * losses[0]
+    values = objective.head(fake_hidden(batch.completion_ids, batch.completion_mask)).detach()
+    assert torch.allclose(values[0, :3], torch.ones(3), atol=0.15)  # the finished row's return
+    assert objective.head.linear.weight.grad is None  # after_step cleared it
+
+
+def test_tppo_value_loss_does_not_reach_the_policy_and_without_prepare_it_is_ppo_clip():
+    batch, logp = tppo_batch()
+    batch.old_logp = logp - 0.3
+    batch.advantages = torch.tensor([1.0, -1.0])
+    leaf, ppo_leaf = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
+    loss, _ = registry.build("objective", "t_ppo")(PolicyOutputs(logp=leaf), batch)
+    ppo_loss, _ = registry.build("objective", "ppo_clip")(PolicyOutputs(logp=ppo_leaf), batch)
+    assert torch.equal(loss, ppo_loss)
+    objective = registry.build("objective", "t_ppo")
+    ctx, _ = fake_ctx()
+    prepared = objective.prepare(batch, ctx)
+    hidden = fake_hidden(batch.completion_ids, batch.completion_mask).requires_grad_(True)
+    loss, _ = objective(PolicyOutputs(logp=leaf, hidden=hidden), prepared)
+    total = aggregate(loss, prepared)
+    assert torch.allclose(grad_of(total, leaf), grad_of(aggregate(ppo_loss, batch), ppo_leaf))
+    assert torch.autograd.grad(total, hidden, allow_unused=True)[0] is None  # detached trunk by default
+    with pytest.raises(ValueError, match="hidden"):
+        objective(PolicyOutputs(logp=leaf), prepared)
+
+
+def test_tppo_state_round_trip_and_egae_needs_the_critic():
+    batch, _ = tppo_batch()
+    objective = registry.build("objective", "t_ppo")
+    ctx, _ = fake_ctx()
+    objective.prepare(batch, ctx)
+    with torch.no_grad():
+        objective.head.linear.weight.fill_(0.7)
+    restored = registry.build("objective", "t_ppo")
+    restored.load_state_dict(objective.state_dict())  # before the head exists: applied when it is built
+    restored.prepare(batch, ctx)
+    assert torch.equal(restored.head.linear.weight, objective.head.linear.weight)
+    with pytest.raises(ValueError, match="critic"):
+        registry.build("advantage", "egae")(batch)
