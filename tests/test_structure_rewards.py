@@ -209,3 +209,12 @@ def test_otc_groups_are_separate_questions_and_failed_rewards_stay_untouched():
     assert delta.tolist() == pytest.approx([0.5, 0.0, math.cos(3 * math.pi / 7), 0.0])
     with pytest.raises(ValueError, match="variant"):
         S.OptimalToolCalls(variant="sft")
+
+
+def test_otc_is_built_from_a_recipe_with_checked_parameters():
+    from policylab.registry import RegistryError, build
+
+    stage = build("reward_shaping", "otc", {"c": 1.0, "history": False})
+    assert isinstance(stage, S.OptimalToolCalls) and stage.c == 1.0
+    with pytest.raises(RegistryError, match="smoothing"):
+        build("reward_shaping", "otc", {"smoothing": 1.0})

@@ -29,7 +29,9 @@ from pathlib import Path
 
 CHILD_SCRIPT = str(Path(__file__).with_name("_child.py"))
 ISOLATION_LEVELS = ("auto", "strict", "no_namespaces")
-_SCRUBBED_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_CTYPE": "C.UTF-8"}
+_SCRUBBED_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_CTYPE": "C.UTF-8",
+                 # native thread pools count against RLIMIT_NPROC and reserve address space per thread
+                 "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _UID_RANGE = (1 << 24, 1 << 30)  # far above any account a host creates
 
 
