@@ -200,26 +200,26 @@ def test_papo_t1_perception_term():
     r, out = _papo_batch(-1.0, -2.0)
     loss, metrics = PAPORegularizer(gamma=0.02)(out, r)
     assert float(metrics["papo/kl_prcp"]) == pytest.approx(0.367879, abs=1e-6)
-    assert float(loss) == pytest.approx(-0.007358, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(-0.007358, abs=1e-6)
 
 
 def test_papo_t2_equal_inputs_give_zero():
     r, out = _papo_batch(-1.3, -1.3)
     loss, _ = PAPORegularizer(gamma=0.02)(out, r)
-    assert float(loss) == 0.0
+    assert float(loss.detach()) == 0.0
 
 
 def test_papo_t3_larger_gap_lowers_the_loss():
-    losses = [float(PAPORegularizer(gamma=0.02)(*reversed(_papo_batch(-1.0, aug)))[0]) for aug in (-1.1, -1.5, -2.5)]
+    losses = [float(PAPORegularizer(gamma=0.02)(*reversed(_papo_batch(-1.0, aug)))[0].detach()) for aug in (-1.1, -1.5, -2.5)]
     assert losses[0] > losses[1] > losses[2]
 
 
 def test_papo_double_entropy_clip_schedule_and_prepare():
     r, out = _papo_batch(-1.0, -2.0)
     loss, _ = PAPORegularizer(gamma=0.0, eta_aug=0.03, eta_ori=0.03)(out, r)
-    assert float(loss) == pytest.approx(0.03 * 1.0 + 0.03 * 2.0)
+    assert float(loss.detach()) == pytest.approx(0.03 * 1.0 + 0.03 * 2.0)
     loss, _ = PAPORegularizer(gamma=1.0, kl_clip=0.2)(out, r)
-    assert float(loss) == pytest.approx(-0.2)
+    assert float(loss.detach()) == pytest.approx(-0.2)
     papo = PAPORegularizer(gamma=0.02, gamma_end=0.0, annealing_ratio=0.5)
     papo.steps = 5
     assert papo.schedule(20) == pytest.approx(0.01) and papo.schedule(None) == 0.02
