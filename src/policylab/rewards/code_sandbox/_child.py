@@ -19,7 +19,8 @@ Isolation levels (reported to the parent in the first channel record, before any
 * ``uid`` (root, but namespaces unavailable or refused with ``isolation="no_namespaces"``, e.g. a
   container without CAP_SYS_ADMIN): the same per-run uid drop and limits, no network namespace;
   instead an audit hook refuses sockets, signals, starting programs and ctypes. Untrusted code never
-  runs as root.
+  runs as root. Common stdlib modules are imported before the drop, because an interpreter installed
+  under a directory the uid cannot traverse (/root) cannot load new modules afterwards.
 * ``basic`` (not root): limits plus that audit hook. A Python audit hook is not a security boundary
   (native code can bypass it); it makes ordinary attempts fail, and the parent's process-group kill
   still applies. Use it only where the machine itself is disposable.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import builtins
 import ctypes
+import errno
 import json
 import os
 import resource
@@ -142,7 +144,11 @@ def enter_namespaces(tmpfs_bytes: int) -> str:
         _mount(libc, "tmpfs", ancestor, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k,mode=0755")
         for path, fd in held:
             _bind_from_fd(libc, fd, path, read_only=False)  # made read-only with everything else below
-    _recursive_read_only(libc, "/")
+    try:
+        _recursive_read_only(libc, "/")
+    except OSError as err:  # kernels before 5.12 lack mount_setattr; the uid drop still guards the files
+        if err.errno not in (errno.ENOSYS, errno.EINVAL):
+            raise
     for directory in covered:
         size = tmpfs_bytes if directory == "/tmp" else 1 << 20
         _mount(libc, "tmpfs", directory, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=1777")
