@@ -258,6 +258,7 @@ def test_c2_probes_score_zero(stub):
     for probe in PROBES_CAUGHT_BEFORE_JUDGING:
         assert credulous("What is 2 + 3?", probe, {"answer": "5"}) == 0.0, probe
     assert stub.requests == []  # none of them reached the judge
+    assert sum(credulous.judge.stats.prefiltered.values()) == len(PROBES_CAUGHT_BEFORE_JUDGING)
     stub.reply = lambda body: ["Verdict: YES" if "First answer: 5\nSecond answer: 5\n" in body["messages"][0]["content"]
                                else "Verdict: NO"]  # a judge that accepts only the gold itself
     sensible = AnswerJudge(api_judge(stub), rule_reward="math_verify")

@@ -120,6 +120,10 @@ class JudgeStats:
     prefiltered: Counter = field(default_factory=Counter)  # answers rejected before judging, by reason
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def count_prefiltered(self, reason: str) -> None:
+        with self._lock:
+            self.prefiltered[reason] += 1
+
     def as_dict(self) -> dict[str, int]:
         with self._lock:
             out = {"judge/calls": self.calls, "judge/failures": self.failures, "judge/samples": self.samples,

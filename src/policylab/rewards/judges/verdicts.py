@@ -175,8 +175,7 @@ class AnswerJudge:
         answer = extract_final_answer(completion)
         reason = reject_reason(answer, self.max_answer_chars, self.max_items)
         if reason is not None:
-            with self.judge.stats._lock:
-                self.judge.stats.prefiltered[reason] += 1
+            self.judge.stats.count_prefiltered(reason)
             return 0.0
         orders = [(str(row["answer"]), answer)] + ([(answer, str(row["answer"]))] if self.swap_check else [])
         for first, second in orders:
