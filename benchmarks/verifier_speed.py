@@ -5,8 +5,9 @@ plain-number pairs are settled by the in-process fast path, never reaching a wor
 (``math_verify.parse`` + ``math_verify.verify``, called the way verl calls it: gold wrapped in
 ``\\boxed{}``) is timed on the same pairs for reference.
 
-Run: ``python benchmarks/verifier_speed.py [--n 1000] [--seed 0]``.  Prints one line per verifier and
-the ratio; also checks both verifiers agree on every pair (they should on plain numbers).
+Run: ``python benchmarks/verifier_speed.py [--n 1000] [--seed 0] [--symbolic 200]``.  Prints one line per
+verifier and the ratio, and where the two disagree.  ``--symbolic`` adds answers that need SymPy, which
+our verifier sends to its worker pool (for information; the < 2 s target is for plain numbers).
 """
 
 from __future__ import annotations
@@ -45,6 +46,23 @@ def make_pairs(n: int, seed: int) -> list[tuple[str, str]]:
     return pairs
 
 
+def make_symbolic_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    """Answers that need SymPy (radicals, pi, fractions of expressions): these go to the worker pool."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        a, b = rng.randint(2, 30), rng.randint(2, 9)
+        form = rng.randrange(3)
+        if form == 0:
+            gold, good, bad = f"\\frac{{{a}\\sqrt{{{b}}}}}{{2}}", f"\\frac{{{a}}}{{2}}\\sqrt{{{b}}}", f"\\frac{{{a + 1}}}{{2}}\\sqrt{{{b}}}"
+        elif form == 1:
+            gold, good, bad = f"{a}\\pi", f"\\pi \\cdot {a}", f"{a}\\pi + 1"
+        else:
+            gold, good, bad = f"x^2 + {a}x", f"x(x+{a})", f"x(x+{a + 1})"
+        pairs.append((gold, f"So the answer is $\\boxed{{{good if rng.random() < 0.5 else bad}}}$."))
+    return pairs
+
+
 def time_ours(pairs) -> tuple[float, list[bool]]:
     from policylab.rewards.math_answer import verify_batch
 
@@ -70,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--symbolic", type=int, default=200, help="also time this many SymPy-needing answers (0: skip)")
     args = parser.parse_args()
     pairs = make_pairs(args.n, args.seed)
 
@@ -83,6 +102,17 @@ def main() -> None:
     for gold, pred in disagreements[:5]:
         print(f"  disagree: gold={gold!r} pred={pred!r}")
     print(f"target < 2 s for ours: {'met' if ours_s < 2.0 else 'NOT met'}")
+
+    if args.symbolic:
+        from policylab.rewards.math_answer import default_pool
+
+        default_pool().start()  # worker start-up is a one-off cost, not per answer
+        symbolic = make_symbolic_pairs(args.symbolic, args.seed)
+        ours_s, ours = time_ours(symbolic)
+        theirs_s, theirs = time_math_verify(symbolic)
+        agree = sum(a == b for a, b in zip(ours, theirs))
+        print(f"symbolic answers (worker pool, {default_pool().size} workers): ours {ours_s:.3f} s, math_verify {theirs_s:.3f} s "
+              f"for {args.symbolic}; ratio {theirs_s / ours_s:.2f}x; agree on {agree}/{args.symbolic}")
 
 
 if __name__ == "__main__":

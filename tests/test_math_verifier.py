@@ -18,6 +18,7 @@ from policylab.rewards.math_answer import (
     VerifierPool,
     score,
     verify,
+    verifier_metrics,
     verify_batch,
     verify_local,
 )
@@ -127,6 +128,15 @@ def test_same_result_in_this_process_and_in_a_worker(pool):
         (r"1 \pm \sqrt{2}", r"\boxed{1-\sqrt{2}, 1+\sqrt{2}}", True),
         # digits separated by a plain space are ambiguous, never silently added
         ("3", r"\boxed{1 2}", False),
+        # the gold decides order: a list of solutions is unordered, a point is ordered
+        ("1, 3", r"\boxed{(3,1)}", True),
+        ("(3,1)", r"\boxed{1, 3}", False),
+        # subscripts are not base-n numerals unless every digit fits the base
+        ("a_2", r"\boxed{a_3}", False),
+        (r"1011_2", r"\boxed{1011_{2}}", True),
+        # an index before a space is not two numbers side by side; a matrix row break survives spacing cleanup
+        (r"\log_2 3", r"\boxed{\frac{\ln 3}{\ln 2}}", True),
+        (r"\begin{pmatrix} -1/3 \\ 2/3 \end{pmatrix}", r"\boxed{\begin{pmatrix} -\frac{1}{3} \\ \frac{2}{3} \end{pmatrix}}", True),
         # extraction: answer phrases, LaTeX delimiters, end-of-thinking marker
         ("10", "**Answer:** 10", True),
         ("5", "The answer is $5$ cm.", True),
@@ -308,6 +318,21 @@ def test_thread_safety(pool):
         thread.join(timeout=120)
     assert not any(thread.is_alive() for thread in threads)
     assert failures == []
+
+
+def test_verifier_metrics_rates():
+    results = [
+        verify_local("1", r"\boxed{1}"),
+        verify_local("1", "nothing"),
+        verify_local("1", r"\boxed{2"),
+        verify_local("1", r"\boxed{1 2}"),
+    ]
+    metrics = verifier_metrics(results)
+    assert metrics["verifier/accuracy"] == 0.25
+    assert metrics["verifier/extraction_failure_rate"] == 0.5
+    assert metrics["verifier/parse_failure_rate"] == 0.25
+    assert metrics["verifier/timeout_rate"] == 0.0
+    assert metrics["verifier/reason/unclosed_box"] == 1.0
 
 
 def test_verifier_protocol_score():

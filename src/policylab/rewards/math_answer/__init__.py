@@ -11,11 +11,12 @@ Public API::
     verify_batch(golds, preds, *, problems=None, options=None, pool=None) -> list[VerifyResult]
     verify_local(gold, pred, ...)      # same pipeline in this process, no time limits
     score(response_text, gold, meta)   # the Verifier protocol of data_agents_eval.md §0.2 item 6
+    verifier_metrics(results)          # C1 "Log": extraction/parse failure, timeout rates, reason counts
 
 The registered reward is ``math_verify`` (:mod:`.reward`); the CLI is :func:`.cli.main_verify`.
 """
 
-from policylab.rewards.math_answer.core import VerifierOptions, VerifyResult, verify_local
+from policylab.rewards.math_answer.core import VerifierOptions, VerifyResult, verifier_metrics, verify_local
 from policylab.rewards.math_answer.pool import VerifierPool, VerifierUnavailable, default_pool, verify, verify_batch
 
 
@@ -38,4 +39,5 @@ __all__ = [
     "verify",
     "verify_batch",
     "verify_local",
+    "verifier_metrics",
 ]

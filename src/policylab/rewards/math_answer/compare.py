@@ -8,7 +8,8 @@
   equations compare by proportional ``lhs − rhs``; a general-equation gold (``2x+z=1``) needs an equation;
   one-variable inequalities compare by solution set, also against intervals, in both directions — unless
   the prediction copies an inequality from the problem text;
-* lists/sets are unordered, tuples (points, open pairs) ordered; ``±a`` was expanded to a set by the parser;
+* collections: the gold decides — a gold set or list of solutions is matched unordered, a gold tuple
+  (point, open pair) ordered; ``±a`` was expanded to a set by the parser;
 * scalars: units (reject two different recognised units), angles (degrees → radians against ``π``),
   percent (``X%`` ≡ ``X``, and ``X%`` ≡ ``X/100`` because a ``%`` is present), then the number rule:
   exact/symbolic for exact values, 6-decimal rounding only when a decimal literal was written.
@@ -26,8 +27,8 @@ from decimal import Decimal, InvalidOperation
 import sympy
 
 from policylab.rewards.math_answer.normalize import normalize_answer
-from policylab.rewards.math_answer.numbers import decimal_rule
-from policylab.rewards.math_answer.parse import (
+from policylab.rewards.math_answer.numbers import decimal_rule, round_to_places
+from policylab.rewards.math_answer.answers import (
     Answer,
     Items,
     Literal,
@@ -37,11 +38,8 @@ from policylab.rewards.math_answer.parse import (
     SetValue,
     Text,
     Unparsed,
-    as_set,
-    has_decimal,
-    relation_variables,
-    text_key,
 )
+from policylab.rewards.math_answer.parse import as_set, has_decimal, relation_variables, text_key
 
 _EVAL_DIGITS = 50
 _CLEARLY_NONZERO = sympy.Float("1e-30")
@@ -211,8 +209,6 @@ def _round_number(expr: sympy.Basic) -> sympy.Basic:
     value = _as_decimal(expr) if isinstance(expr, sympy.Expr) else None
     if value is None:
         return expr
-    from policylab.rewards.math_answer.numbers import round_to_places
-
     return sympy.Rational(str(round_to_places(value)))
 
 
@@ -356,9 +352,9 @@ def _collections(gold: Answer, pred: Answer, problem: str | None) -> Verdict:
     if isinstance(gold, SetValue) or isinstance(pred, SetValue):
         return _set_verdict(gold, pred)
     if isinstance(gold, Items) and isinstance(pred, Items):
-        kinds = {gold.kind, pred.kind}
-        if "tuple" in kinds:
-            if "set" in kinds:
+        # C1.3 Sets vs lists: the gold decides — a tuple/point is ordered, a set or list of solutions is not
+        if gold.kind == "tuple":
+            if pred.kind == "set":
                 return _no("type_mismatch")
             if len(gold.items) != len(pred.items):
                 return _no("length_mismatch")
@@ -403,10 +399,6 @@ def _matrices(gold: Answer, pred: Answer) -> Verdict:
     return _yes("matrix") if ok else _no("not_equal")
 
 
-def _source(answer: Answer) -> str:
-    return answer.source
-
-
 def equivalent(gold: Answer, pred: Answer, problem: str | None = None) -> Verdict:
     """C1.3 verdict for a parsed gold answer and a parsed prediction."""
     if isinstance(pred, Unparsed) or isinstance(gold, Unparsed):
@@ -420,8 +412,8 @@ def equivalent(gold: Answer, pred: Answer, problem: str | None = None) -> Verdic
             return _yes("literal")
         return _no("literal_mismatch")
     if isinstance(gold, Text) or isinstance(pred, Text):
-        gold_key = gold.text if isinstance(gold, Text) else text_key(_source(gold))
-        pred_key = pred.text if isinstance(pred, Text) else text_key(_source(pred))
+        gold_key = gold.text if isinstance(gold, Text) else text_key(gold.source)
+        pred_key = pred.text if isinstance(pred, Text) else text_key(pred.source)
         return _yes("text") if gold_key == pred_key and gold_key else _no("text_mismatch")
     if isinstance(gold, MatrixValue) or isinstance(pred, MatrixValue):
         return _matrices(gold, pred)

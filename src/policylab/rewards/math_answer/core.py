@@ -217,3 +217,25 @@ def verify_local(
         return quick
     equal, reason, gold_used, pred_used = judge(gold_ex.candidates, pred_ex.candidates, problem)
     return options.result(equal, gold_used, pred_used, reason)
+
+
+_EXTRACTION_FAILURES = ("no_answer", "empty_box", "unclosed_box")
+_PARSE_FAILURES = ("unparsable_pred", "unparsable_gold")
+
+
+def verifier_metrics(results: list[VerifyResult]) -> dict[str, float]:
+    """The C1 "Log" rates over a batch: extraction failures, parse failures, timeouts, and per-reason counts."""
+    total = max(1, len(results))
+    reasons: dict[str, int] = {}
+    for result in results:
+        key = "error" if result.reason.startswith("error") else result.reason
+        reasons[key] = reasons.get(key, 0) + 1
+    metrics = {
+        "verifier/accuracy": sum(r.correct for r in results) / total,
+        "verifier/extraction_failure_rate": sum(reasons.get(k, 0) for k in _EXTRACTION_FAILURES) / total,
+        "verifier/parse_failure_rate": sum(reasons.get(k, 0) for k in _PARSE_FAILURES) / total,
+        "verifier/timeout_rate": reasons.get("timeout", 0) / total,
+    }
+    metrics.update({f"verifier/reason/{reason}": float(count) for reason, count in sorted(reasons.items())})
+    return metrics
+

@@ -67,8 +67,9 @@ _EMPTY_SET = re.compile(r"\\(?:varnothing|emptyset)(?![a-zA-Z])|\\\{\s*\\\}")
 _MEMBERSHIP_PREFIX = re.compile(r"^\s*[a-zA-Z](?:_\{?\w+\}?)?\s*\\in(?![a-zA-Z])\s*")
 # digit grouping (C1.3): "\," "{,}" ",\!" between a digit and exactly three digits are thousands separators
 _GROUP_SEPARATORS = re.compile(r"(?<=\d)(?:\\,|\{,\}|,\\!|\\thinspace|\\ |\u2009)(?=\d{3}(?!\d))")
-_SPACING = re.compile(r"\\(?:[,;:> ]|quad|qquad|enspace|thinspace|medspace|thickspace)|~")
-_NEG_SPACE = re.compile(r"\\!")
+# (?<!\\) keeps a matrix row break "\\" followed by a space intact
+_SPACING = re.compile(r"(?<!\\)\\(?:[,;:> ]|quad|qquad|enspace|thinspace|medspace|thickspace)|~")
+_NEG_SPACE = re.compile(r"(?<!\\)\\!")
 _LIST_WORDS_TEXT = re.compile(r"\\text\{\s*(?:or|and)\s*\}", re.IGNORECASE)
 _LIST_WORDS_BARE = re.compile(r"\s+(?:or|and)\s+")
 _ESCAPED_DOLLAR = "\x00DOLLAR\x00"

@@ -12,13 +12,21 @@ Decimal literals are rewritten as exact fractions before SymPy sees them, so eve
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Union
-
 import sympy
 from latex2sympy2_extended import latex2sympy
 from latex2sympy2_extended.latex2sympy2 import ConversionConfig
 
+from policylab.rewards.math_answer.answers import (
+    Answer,
+    Items,
+    Literal,
+    MatrixValue,
+    Relation,
+    Scalar,
+    SetValue,
+    Text,
+    Unparsed,
+)
 from policylab.rewards.math_answer.normalize import (
     exact_decimals,
     normalize_answer,
@@ -37,97 +45,6 @@ MAX_SCALAR_CHARS = 2000
 
 class ParseError(ValueError):
     """The string is not an answer we can read."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# answer objects
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Scalar:
-    """One value or expression, with the annotations C1.3 compares separately."""
-
-    expr: sympy.Basic
-    source: str
-    decimal: bool = False
-    percent: bool = False
-    degrees: bool = False
-    unit: str | None = None
-
-
-@dataclass(frozen=True)
-class Text:
-    """A word answer (a name, yes/no, a multiple-choice letter); compared case-insensitively."""
-
-    text: str
-    source: str
-
-
-@dataclass(frozen=True)
-class Literal:
-    """A numeral that must be matched as written: ``204_5`` (base 5), ``12:00`` (clock time)."""
-
-    text: str
-    kind: str
-    source: str
-
-
-@dataclass(frozen=True)
-class Items:
-    """A list (top-level commas), a set (``\\{…\\}``, ``±``) or a tuple (``(…, …)``)."""
-
-    kind: str  # "list" | "set" | "tuple"
-    items: tuple
-    source: str
-
-
-@dataclass(frozen=True)
-class SetValue:
-    """An interval or a union of intervals/sets, as a SymPy set with the endpoints' decimal flag."""
-
-    value: sympy.Set
-    decimal: bool
-    source: str
-
-
-@dataclass(frozen=True)
-class Relation:
-    """A chain ``a op b op c``: ops from ``= < > \\le \\ge \\ne``."""
-
-    ops: tuple
-    sides: tuple  # Scalars
-    source: str
-
-    @property
-    def is_equation(self) -> bool:
-        return all(op == "=" for op in self.ops)
-
-    @property
-    def is_inequality(self) -> bool:
-        return all(op != "=" for op in self.ops)
-
-    @property
-    def assigned_variable(self) -> str | None:
-        """``"x"`` for ``x = …`` (chains included), ``"f(x)"`` for ``f(x) = …``: the left side names one thing."""
-        left = self.sides[0].expr
-        if self.is_equation and isinstance(left, (sympy.Symbol, sympy.core.function.AppliedUndef)):
-            return str(left)
-        return None
-
-
-@dataclass(frozen=True)
-class MatrixValue:
-    rows: tuple  # tuple of tuples of Scalars
-    source: str
-
-
-@dataclass(frozen=True)
-class Unparsed:
-    source: str
-
-
-Answer = Union[Scalar, Text, Literal, Items, SetValue, Relation, MatrixValue, Unparsed]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,7 +74,7 @@ def _tokens_depth(text: str):
                 i += 2
                 continue
             yield i, "\\", depth
-            i += 1
+            i += 2 if nxt == "\\" else 1  # "\\\\" (a row break) must not escape what follows
             continue
         if ch in "([{":
             yield i, ch, depth
@@ -244,7 +161,8 @@ _CHOICE = re.compile(r"^\(?\s*([A-Za-z])\s*\)$|^\(\s*([A-Za-z])\s*\)?$")
 _WORDS = re.compile(r"^[A-Za-z][A-Za-z' \-]*[A-Za-z]$")
 _MATH_WORDS = {"pi", "infty", "sin", "cos", "tan", "log", "ln", "exp", "sqrt"}
 _NUMERIC_TEXT = re.compile(r"^[\s\d.,+\-/]+$")
-_AMBIGUOUS_DIGITS = re.compile(r"\d\s+\d")
+# "1 2" (two numbers side by side) is ambiguous; "\log_2 3" or "x^2 3" is not (the first is an index)
+_AMBIGUOUS_DIGITS = re.compile(r"(?<![\w^_.])\d+\s+\d")
 
 
 def text_key(text: str) -> str:
