@@ -49,9 +49,13 @@ def no_flaw_judge(prompt: str, completion: str, *, delimiter: str = "\n\n") -> l
 
 
 def resolve_judge(spec, *, delimiter: str = "\n\n") -> StepJudge | None:
-    """A judge from a callable, a built-in name, or "package.module:attribute"; "policy" -> None (built later)."""
+    """A judge from a callable, a built-in name, "package.module:attribute", or a mapping of LLM-judge
+    options (``{backend: hf|openai, model: ..., base_url: ..., k: ...}``, see :func:`llm_judge`);
+    "policy" -> None (the component builds a :class:`PolicyCritic` once it has the model)."""
     if callable(spec):
         return spec
+    if isinstance(spec, dict):
+        return LLMStepJudge(llm_judge(spec), delimiter=delimiter)
     if spec == "arithmetic":
         return lambda p, c: arithmetic_step_judge(p, c, delimiter=delimiter)
     if spec == "none":
@@ -67,7 +71,8 @@ def resolve_judge(spec, *, delimiter: str = "\n\n") -> StepJudge | None:
         if not callable(target):
             raise ValueError(f"judge {spec!r} is not callable")
         return target
-    raise ValueError(f"unknown judge {spec!r}: use 'arithmetic', 'none', 'policy', 'module:attr' or a callable")
+    raise ValueError(f"unknown judge {spec!r}: use 'arithmetic', 'none', 'policy', 'module:attr', "
+                     "a mapping of LLM-judge options or a callable")
 
 
 CRITIQUE_PROMPT = (
@@ -92,6 +97,42 @@ def parse_critique(text: str, num_steps: int) -> list[bool] | None:
     return verdicts
 
 
+def critique_prompt(prompt: str, completion: str, delimiter: str = "\n\n") -> str:
+    steps = split_steps(completion, delimiter)
+    numbered = "\n".join(f"Step {k + 1}: {s.strip()}" for k, s in enumerate(steps))
+    return CRITIQUE_PROMPT.format(prompt=prompt, steps=numbered)
+
+
+LLM_JUDGE_DEFAULTS = {"backend": "openai", "model": "", "base_url": "http://127.0.0.1:8000",
+                      "api_key_env": "OPENAI_API_KEY", "k": 1, "temperature": 0.0, "max_tokens": 256, "timeout_s": 60.0}
+
+
+def llm_judge(options: dict):
+    """A shared LLM judge (policylab.rewards.judges) from recipe options; unknown keys are an error."""
+    unknown = sorted(set(options) - set(LLM_JUDGE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown LLM judge option(s) {unknown}; valid: {sorted(LLM_JUDGE_DEFAULTS)}")
+    from policylab.rewards.judges.rewards import cached_judge
+
+    return cached_judge(**{**LLM_JUDGE_DEFAULTS, **options})
+
+
+class LLMStepJudge:
+    """An external LLM (any ``policylab.rewards.judges`` Judge) as one-pass GenPRM: the k sampled critiques
+    are merged per step by majority (a step is flawed if more than half of the parsed ones flag it)."""
+
+    def __init__(self, judge, *, delimiter: str = "\n\n"):
+        self.judge, self.delimiter = judge, delimiter
+
+    def __call__(self, prompt: str, completion: str) -> Verdicts:
+        n = len(split_steps(completion, self.delimiter))
+        votes = self.judge.ask(critique_prompt(prompt, completion, self.delimiter), lambda text: parse_critique(text, n))
+        parsed = [v for v in (votes or []) if v is not None]
+        if not parsed:
+            return None
+        return [sum(not v[k] for v in parsed) * 2 <= len(parsed) for k in range(n)]
+
+
 class PolicyCritic:
     """The policy as a one-pass generative PRM: one sampled critique per call, parsed by ``parse_critique``."""
 
@@ -101,13 +142,8 @@ class PolicyCritic:
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
         self.generator = generator or torch.Generator().manual_seed(0)
 
-    def critique_prompt(self, prompt: str, completion: str) -> str:
-        steps = split_steps(completion, self.delimiter)
-        numbered = "\n".join(f"Step {k + 1}: {s.strip()}" for k, s in enumerate(steps))
-        return CRITIQUE_PROMPT.format(prompt=prompt, steps=numbered)
-
     def __call__(self, prompt: str, completion: str) -> Verdicts:
-        ids = encode(self.tokenizer, self.critique_prompt(prompt, completion))
+        ids = encode(self.tokenizer, critique_prompt(prompt, completion, self.delimiter))
         sample = sample_continuations(self.model, [ids], num_samples=1, max_new_tokens=self.max_new_tokens,
                                       temperature=self.temperature, eos_id=getattr(self.tokenizer, "eos_token_id", None),
                                       pad_id=pad_id_of(self.tokenizer), generator=self.generator)[0]
