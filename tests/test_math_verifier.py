@@ -128,6 +128,9 @@ def test_same_result_in_this_process_and_in_a_worker(pool):
         (r"1 \pm \sqrt{2}", r"\boxed{1-\sqrt{2}, 1+\sqrt{2}}", True),
         # digits separated by a plain space are ambiguous, never silently added
         ("3", r"\boxed{1 2}", False),
+        # a bare \sqrt / \frac argument is one token; a command with its own arguments is left alone
+        (r"\frac{\sqrt{2}}{2}", r"\boxed{\sqrt\frac{1}{2}}", True),
+        (r"\frac{\pi}{4}", r"\boxed{\frac\pi4}", True),
         # the gold decides order: a list of solutions is unordered, a point is ordered
         ("1, 3", r"\boxed{(3,1)}", True),
         ("(3,1)", r"\boxed{1, 3}", False),

@@ -54,11 +54,15 @@ _TEXT_SPELLINGS = re.compile(
     r"\\(?:mathrm|mathbf|mathit|mathsf|mathtt|mathnormal|textbf|textit|textrm|textnormal|textsf|texttt|textup|"
     r"mbox|hbox|operatorname\*?|text)\s*\{"
 )
-# \frac12 -> \frac{1}{2}; \frac1{b}; \frac{a}2; \frac\pi4 (single-token numerator/denominator)
-_FRAC_TWO_TOKENS = re.compile(r"\\frac\s*(\d|\\[a-zA-Z]+)\s*(\d|\\[a-zA-Z]+|[a-zA-Z])")
-_FRAC_TOKEN_BRACE = re.compile(r"\\frac\s*(\d|\\[a-zA-Z]+)\s*\{")
-_FRAC_BRACE_TOKEN = re.compile(r"\\frac\s*(\{[^{}]*\})\s*(\d|\\[a-zA-Z]+|[a-zA-Z])")
-_SQRT_TOKEN = re.compile(r"\\sqrt\s*(\d+|\\[a-zA-Z]+|[a-zA-Z])")
+# \frac12 -> \frac{1}{2}; \frac1{b}; \frac{a}2; \frac\pi4; \sqrt2 -> \sqrt{2}.  A bare argument is one digit
+# (one digit run for \sqrt), one letter, or an argument-free symbol command — never a command that takes
+# arguments itself (\sqrt\frac{1}{2} must stay as it is).
+_SYMBOL = r"\\(?:[aA]lpha|[bB]eta|[gG]amma|[dD]elta|(?:var)?epsilon|zeta|eta|(?:var)?theta|[tT]heta|iota|kappa|[lL]ambda|mu|nu|xi|[pP]i|rho|[sS]igma|tau|upsilon|(?:var)?phi|[pP]hi|chi|[pP]si|[oO]mega|infty)(?![a-zA-Z])"
+_FRAC_TWO_TOKENS = re.compile(r"\\frac\s*(\d|" + _SYMBOL + r")\s*(\d|" + _SYMBOL + r"|[a-zA-Z])")
+_FRAC_TOKEN_BRACE = re.compile(r"\\frac\s*(\d|" + _SYMBOL + r")\s*\{")
+_FRAC_BRACE_TOKEN = re.compile(r"\\frac\s*(\{[^{}]*\})\s*(\d|" + _SYMBOL + r"|[a-zA-Z])")
+_SQRT_OF_FRAC = re.compile(r"\\sqrt\s*(\\frac\{[^{}]*\}\{[^{}]*\})")
+_SQRT_TOKEN = re.compile(r"\\sqrt\s*(\d+|" + _SYMBOL + r"|[a-zA-Z])")
 _PLAIN_SQRT = re.compile(r"(?<![\\a-zA-Z])sqrt\s*\(([^()]*)\)")
 _PLAIN_PI = re.compile(r"(?<![\\a-zA-Z])pi(?![a-zA-Z])")
 _INFINITY_WORDS = re.compile(r"\\infin(?![a-zA-Z])|(?<![\\a-zA-Z])(?:infinity|inf)(?![a-zA-Z])", re.IGNORECASE)
@@ -158,6 +162,7 @@ def normalize_answer(text: str) -> str:
     text = _FRAC_TWO_TOKENS.sub(r"\\frac{\1}{\2}", text)
     text = _FRAC_TOKEN_BRACE.sub(r"\\frac{\1}{", text)
     text = _FRAC_BRACE_TOKEN.sub(r"\\frac\1{\2}", text)
+    text = _SQRT_OF_FRAC.sub(r"\\sqrt{\1}", text)
     text = _SQRT_TOKEN.sub(r"\\sqrt{\1}", text)
     text = _MEMBERSHIP_PREFIX.sub("", text)
     text = strip_trailing_punctuation(text)
