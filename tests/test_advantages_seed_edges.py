@@ -55,9 +55,9 @@ def make(rewards, group, lengths):
 class Ctx:
     extras: dict = {}
 
-    def generate(self, prompts, **overrides):
-        out = make([0.0] * len(prompts), list(range(len(prompts))), [1] * len(prompts))
-        return out.with_(rewards=torch.full((len(prompts),), 0.5))
+    def generate(self, rows, **overrides):
+        out = make([0.0] * len(rows), list(range(len(rows))), [1] * len(rows))
+        return out.with_(rewards=torch.full((len(rows),), 0.5))
 
     def score(self, rollouts, model=None, with_hidden=False):
         from policylab.rollouts import PolicyOutputs

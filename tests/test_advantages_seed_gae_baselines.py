@@ -108,15 +108,15 @@ def test_remax_t1_t2():
 
 
 class FakeContext:
-    """Greedy generation returns a fixed completion per prompt; the reward scores it."""
+    """Greedy generation (the loop's generate takes task rows) returns a fixed completion per prompt."""
 
     def __init__(self, greedy_text):
         self.greedy_text, self.calls, self.extras = greedy_text, [], {}
 
-    def generate(self, prompts, **overrides):
-        self.calls.append((list(prompts), overrides))
-        out = make([0.0] * len(prompts), group=list(range(len(prompts))))
-        return out.with_(rewards=None, completions=[self.greedy_text[p] for p in prompts])
+    def generate(self, rows, **overrides):
+        self.calls.append(([r["prompt"] for r in rows], overrides))
+        out = make([0.0] * len(rows), group=list(range(len(rows))), prompts=[r["prompt"] for r in rows])
+        return out.with_(rewards=None, completions=[self.greedy_text[r["prompt"]] for r in rows])
 
     def reward(self, prompts, completions, rows):
         return torch.tensor([1.0 if c == r["answer"] else 0.0 for c, r in zip(completions, rows)]), {}
@@ -124,8 +124,8 @@ class FakeContext:
 
 def test_remax_prepare_generates_one_greedy_per_prompt_and_scores_it():
     ctx = FakeContext({"p0": "4", "p1": "wrong"})
-    batch = make([1.0, 0.0, 1.0, 1.0], group=[7, 3, 7, 3], prompts=["p0", "p1", "p0", "p1"],
-                 rows=[{"answer": "4"}, {"answer": "9"}, {"answer": "4"}, {"answer": "9"}])
+    p0, p1 = {"prompt": "p0", "answer": "4"}, {"prompt": "p1", "answer": "9"}
+    batch = make([1.0, 0.0, 1.0, 1.0], group=[7, 3, 7, 3], prompts=["p0", "p1", "p0", "p1"], rows=[p0, p1, p0, p1])
     comp = registry.build("advantage", "remax")
     prepared = comp.prepare(batch, ctx)
     assert len(ctx.calls) == 1

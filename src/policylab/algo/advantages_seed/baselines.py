@@ -30,36 +30,51 @@ def first_row_of_each_group(group: Tensor) -> tuple[Tensor, Tensor]:
     return idx, first
 
 
+def run_reward(ctx):
+    """The run's reward function (prompts, completions, rows) -> (total, components), or None."""
+    reward_fn = getattr(ctx, "reward", None) or (getattr(ctx, "extras", None) or {}).get("reward")
+    if reward_fn is None and getattr(getattr(ctx, "config", None), "rewards", None):
+        from policylab.rewards.combine import RewardCombiner  # only the loop's context reaches this
+
+        reward_fn = RewardCombiner(ctx.config.rewards)
+    return reward_fn
+
+
 @register("advantage", "remax", spec="advantages_rewards.md A7")
 class ReMaxAdvantage:
     """ReMax (A7): A_i = r_i - b_i, b_i = reward of the greedy completion of prompt i; no normalisation.
 
-    ``prepare`` generates one greedy completion per prompt with ``ctx.generate(prompts, temperature=0,
-    group_size=1)`` and scores it with the run's reward, ``ctx.reward(prompts, completions, rows) ->
-    (total [K], components)`` (unless the greedy Rollouts already carry rewards). The greedy tokens are
-    never trained. A failed greedy reward (NaN) gives the whole group advantage 0.
+    ``prepare`` generates one greedy completion per prompt with ``ctx.generate(rows, temperature=0,
+    group_size=1)`` (the loop's generate takes task rows) and scores it with the run's reward,
+    ``ctx.reward(prompts, completions, rows) -> (total [K], components)`` (also looked up as
+    ``ctx.extras["reward"]``, else rebuilt from the recipe's ``rewards`` in ``ctx.config``), unless the greedy
+    Rollouts already carry rewards. Reward shaping is not applied to the baseline. The greedy tokens
+    are never trained. A failed greedy reward (NaN) gives the whole group advantage 0.
     """
 
     def __init__(self):
         self.last_metrics: dict[str, float] = {}
+        self._reward = None  # the run's reward function, found once
 
     def prepare(self, rollouts: Rollouts, ctx) -> Rollouts:
         idx, first = first_row_of_each_group(rollouts.group)
-        if len(rollouts.prompts) != rollouts.batch_size:
-            raise ValueError("remax needs rollouts.prompts (the prompt text of every row) to generate greedy baselines")
+        if len(rollouts.rows) != rollouts.batch_size:
+            raise ValueError("remax needs rollouts.rows (the task row of every completion) to generate greedy baselines")
         if getattr(ctx, "generate", None) is None:
-            raise ValueError("remax needs ctx.generate(prompts, temperature=0, group_size=1) for its greedy baseline")
-        prompts = [rollouts.prompts[i] for i in first.tolist()]
-        rows = [rollouts.rows[i] if rollouts.rows else {} for i in first.tolist()]
-        greedy = ctx.generate(prompts, temperature=0.0, group_size=1)
-        if greedy.batch_size != len(prompts):
-            raise ValueError(f"remax: ctx.generate returned {greedy.batch_size} completions for {len(prompts)} prompts")
+            raise ValueError("remax needs ctx.generate(rows, temperature=0, group_size=1) for its greedy baseline")
+        self._reward = self._reward or run_reward(ctx)
+        reward_fn = self._reward
+        rows = [rollouts.rows[i] for i in first.tolist()]
+        greedy = ctx.generate(rows, temperature=0.0, group_size=1)
+        if greedy.batch_size != len(rows):
+            raise ValueError(f"remax: ctx.generate returned {greedy.batch_size} completions for {len(rows)} prompts")
         if greedy.rewards is not None:
             baseline = greedy.rewards.float()
+        elif reward_fn is None:
+            raise ValueError("remax needs ctx.reward(prompts, completions, rows) -> (total, components), the run's "
+                             "reward combiner, to score the greedy completions")
         else:
-            reward_fn = getattr(ctx, "reward", None) or ctx.extras.get("reward")
-            if reward_fn is None:
-                raise ValueError("remax needs ctx.reward(prompts, completions, rows) -> (total, components) to score the greedy completions")
+            prompts = greedy.prompts or [row.get("prompt", "") for row in rows]
             baseline, _ = reward_fn(prompts, greedy.completions, rows)
             baseline = torch.as_tensor(baseline, dtype=torch.float32)
         extras = dict(rollouts.extras)
