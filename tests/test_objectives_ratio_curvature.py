@@ -78,6 +78,17 @@ def test_capo_component_reproduces_the_spec_token():
         assert float(metrics["capo/masked"]) == 1 - kept
 
 
+def test_capo_divides_logits_by_the_rollout_temperature_like_the_training_forward():
+    weight = 2 * torch.log(PI).T  # at temperature 2 the policy is again pi = [0.7, 0.2, 0.1]
+    component = registry.build("token_weights", "capo_curvature",
+                               {"lr": 0.1, "optimizer_model": "sgd", "top_k": 3, "tau_hessian": 0.02})
+    config = SimpleNamespace(rollout=SimpleNamespace(temperature=2.0), optimizer=None)
+    component.prepare(None, SimpleNamespace(model=SimpleNamespace(get_output_embeddings=lambda: Head(weight)), config=config))
+    batch, leaf = make_batch([[0.0]], None, [1.0], ids=[[0]])
+    _, metrics = component(PolicyOutputs(logp=leaf, hidden=torch.ones(1, 1, 1)), batch)
+    assert float(metrics["capo/kl"]) == pytest.approx(9.8e-5, rel=1e-4)
+
+
 def random_token_batch(seed=0, vocab=12, hidden_size=4, b=3, t=5):
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(vocab, hidden_size, generator=gen)

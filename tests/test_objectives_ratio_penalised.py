@@ -174,17 +174,20 @@ def test_mdpo_schedule_and_sampled_kl_is_nonnegative():
     assert float(sampled_token_kl(torch.zeros(1))) == 0.0
 
 
-def test_mdpo_prepare_reads_the_step_and_run_length():
+def test_mdpo_prepare_counts_rollout_batches_against_the_run_length():
     objective = registry.build("objective", "mdpo")
-    ctx = SimpleNamespace(step=4, config=SimpleNamespace(train=SimpleNamespace(steps=10)))
+    ctx = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(steps=10)))
     batch, leaf = make_batch([[0.0]], [[0.0]], [1.0])
-    objective.prepare(batch, ctx)
-    assert objective.step_size == pytest.approx(0.6)
-    objective.prepare(batch, SimpleNamespace(step=40, config=None))
-    assert objective.step_size == pytest.approx(0.1)  # past K it stays at 1/K
+    for _ in range(5):
+        objective.prepare(batch, ctx)
+    assert objective.step_size == pytest.approx(0.6)  # k = 5: 1 - 4/10
     restored = registry.build("objective", "mdpo")
     restored.load_state_dict(objective.state_dict())
-    assert restored.step_size == objective.step_size
+    restored.prepare(batch, ctx)
+    assert restored.step_size == pytest.approx(0.5)  # resumed at k = 6
+    for _ in range(40):
+        objective.prepare(batch, ctx)
+    assert objective.step_size == pytest.approx(0.1)  # past K it stays at 1/K
 
 
 def test_mdpo_first_inner_step_is_reinforce_and_later_steps_are_pulled_back():

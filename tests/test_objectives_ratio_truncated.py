@@ -175,3 +175,33 @@ def test_tppo_state_round_trip_and_egae_needs_the_critic():
     assert torch.equal(restored.head.linear.weight, objective.head.linear.weight)
     with pytest.raises(ValueError, match="critic"):
         registry.build("advantage", "egae")(batch)
+
+
+def test_tppo_bootstrap_is_the_state_after_the_last_token_in_the_real_forward():
+    """Guards the alignment the critic relies on: hidden[:, t] predicts token t, so position L is s_L."""
+    from policylab import models
+    from policylab.train.forward import policy_forward
+
+    model, tok = models.load("tiny", seed=0)
+    model.eval()
+    prompt = tok(["1+2="], return_tensors="pt", add_special_tokens=False)
+    completion = torch.tensor([[int(t) for t in tok("345", add_special_tokens=False).input_ids] + [tok.pad_token_id]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # three real tokens, one padding column
+    batch, _ = make_batch(torch.zeros(1, 4).tolist(), None, None, ids=completion, mask=mask, rewards=[0.0],
+                          truncated=[True])
+    batch = batch.with_(prompt_ids=prompt.input_ids, prompt_mask=prompt.attention_mask.float())
+    ctx = SimpleNamespace(score=lambda r, with_hidden=False: policy_forward(model, r, with_hidden=with_hidden,
+                                                                            checkpoint_chunks=False), device=None)
+    objective = registry.build("objective", "t_ppo")
+    with torch.no_grad():
+        objective.prepare(batch, ctx)
+        torch.manual_seed(0)
+        objective.head.linear.weight.normal_()
+        prepared = objective.prepare(batch, ctx)
+        full = torch.cat([prompt.input_ids, completion[:, :3]], dim=1)
+        last_state = model.get_decoder()(input_ids=full).last_hidden_state[:, -1]
+        expected = objective.head(last_state[:, None])[0, 0]
+        first_state = model.get_decoder()(input_ids=prompt.input_ids).last_hidden_state[:, -1]
+        expected_first = objective.head(first_state[:, None])[0, 0]
+    assert float(prepared.extras[BOOTSTRAP_KEY][0]) == pytest.approx(float(expected), abs=1e-4)
+    assert float(prepared.extras[VALUES_KEY][0, 0]) == pytest.approx(float(expected_first), abs=1e-4)

@@ -56,11 +56,12 @@ class CapoCurvature:
     """CAPO-curvature token mask (objectives.md §2.9, token level, exact from code).
 
     Needs the final hidden states (``needs_hidden``) and the output embedding, taken from ``ctx.model`` in
-    ``prepare``; per valid token it forms the top-k truncated softmax of the logits, the token's last-layer
+    ``prepare`` (with the rollout temperature the training forward divides by); per valid token it forms the
+    top-k truncated softmax of the logits, the token's last-layer
     gradient G, the optimizer model's direction D (``optimizer_model``: "adam" with per-vocabulary-row moments,
     or "sgd": D = G), the predicted dJ and KL, and keeps the token iff both tests pass. ``after_step`` updates the
     optimizer model with the kept tokens' gradients, averaged per vocabulary row, and t += 1.
-    ``lr`` defaults to the recipe optimizer's lr (schedules: pass ``metrics['lr']`` to ``after_step``).
+    ``lr`` defaults to the recipe optimizer's (base) lr; an ``lr`` in the metrics given to ``after_step`` updates it.
     Pair with the seq-mean-token-mean aggregation (the paper's per-sequence token mean). Sentence- and
     batch-level variants of the tests are not implemented.
     """
@@ -79,6 +80,7 @@ class CapoCurvature:
         self.betas, self.adam_eps = (adam_beta1, adam_beta2), adam_eps
         self.output_weight: Tensor | None = None
         self.output_bias: Tensor | None = None
+        self.temperature = 1.0  # the training forward divides logits by the sampling temperature
         self.m: Tensor | None = None  # [V,H] first moments of the optimizer model
         self.v: Tensor | None = None  # [V,H] second moments
         self.step = 0
@@ -90,6 +92,9 @@ class CapoCurvature:
         head = ctx.model.get_output_embeddings()
         self.output_weight = head.weight
         self.output_bias = getattr(head, "bias", None)
+        rollout = getattr(getattr(ctx, "config", None), "rollout", None)
+        if rollout is not None and getattr(rollout, "temperature", 0) > 0:
+            self.temperature = float(rollout.temperature)
         if self.lr is None:
             lr = getattr(getattr(ctx, "config", None), "optimizer", None)
             lr = lr.params.get("lr") if lr is not None else None
@@ -127,6 +132,7 @@ class CapoCurvature:
         logits = hidden @ self.output_weight.detach().float().T
         if self.output_bias is not None:
             logits = logits + self.output_bias.detach().float()
+        logits = logits / self.temperature
         k = min(self.top_k, logits.shape[-1])
         return logits.topk(k, dim=-1)
 

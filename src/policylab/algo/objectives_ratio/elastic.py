@@ -174,9 +174,10 @@ def hapo_token_temperature(logits: Tensor, stats: HapoEntropyStats | None, base_
 class HapoTemperature:
     """A generation logits processor applying HAPO's per-token temperature (§2.7a).
 
-    transformers runs custom processors before its own temperature warper, which divides by the engine's
-    base temperature T0; so this divides the raw logits by the relative factor T_t/T0 = 1 + tau*h^ and the
-    result is logits / T_t. ``stats`` is refreshed by the HAPO objective's ``prepare`` after every batch.
+    It sees the raw next-token logits and divides them by the relative factor T_t/T0 = 1 + tau*h^; the engine's
+    own temperature step (the hf engine's ``TemperatureOnly`` processor, or transformers' warper) must run
+    after it and divide by T0, so the sampled distribution is softmax(logits / T_t). ``stats`` is refreshed by
+    the HAPO objective's ``prepare`` after every batch; before the first, the factor is 1.
     """
 
     def __init__(self, tau: float, stats: HapoEntropyStats | None = None):
@@ -234,6 +235,8 @@ class HAPO:
         return self.temperature if self.temperature.tau != 0 else None
 
     def prepare(self, rollouts: Rollouts, ctx) -> Rollouts:
+        if self.temperature.tau == 0:  # no adaptive sampling: skip the scoring pass
+            return rollouts
         entropy = rollouts.entropy
         if entropy is None and ctx is not None and ctx.score is not None:
             entropy = ctx.score(rollouts).entropy

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from policylab.algo.group_stats import group_index
 from policylab.algo.objectives import clipped_surrogate, masked_mean, ratio_metrics, token_log_ratio
-from policylab.algo.objectives_ratio._shared import batch_statistic, frac, masked_max, token_entropy
+from policylab.algo.objectives_ratio._shared import frac, masked_max, token_entropy
 from policylab.registry import register
 from policylab.rollouts import PolicyOutputs, Rollouts
 
@@ -128,8 +128,9 @@ class DHPO:
             weight = torch.full_like(mask, float(self.token_weight))
         else:
             entropy = token_entropy(out, batch, "dhpo", prefer="collection")
-            stats = {k: batch_statistic(batch, k, lambda b, k=k: _entropy_stats(entropy, mask)[k])
-                     for k in ("dhpo/entropy_max", "dhpo/entropy_mean", "dhpo/entropy_std")}
+            # batch-wide statistics from prepare; the batch's own when it did not run
+            stats = _entropy_stats(entropy, mask)
+            stats = {k: torch.as_tensor(batch.extras.get(k, v)) for k, v in stats.items()}
             weight = dhpo_token_weight(entropy, mask, self.mixing, self.token_weight, *stats.values())
         r, r_c, rho, s = dhpo_mixed_ratios(log_ratio, mask, weight.detach(), self.eps_token, self.eps_seq, self.mix)
         loss = -torch.minimum(r * adv, r_c * adv)

@@ -190,8 +190,8 @@ class MDPO:
     The frozen iterate pi_k is the batch's old policy (old_logp), so several passes over one rollout batch
     (train.updates_per_batch, the paper's m = 10 SGD steps) solve one mirror-descent step. KL_tok is the
     sampled estimator rho*log(rho) - rho + 1 (the exact per-vocabulary KL needs both full distributions,
-    which the training forward does not keep; ``exact_token_kl`` is the pure form). k comes from the loop's
-    step in ``prepare``; K is ``total_iterations`` or the recipe's train.steps (beyond K, t stays 1/K).
+    which the training forward does not keep; ``exact_token_kl`` is the pure form). k counts rollout batches:
+    the n-th ``prepare`` starts iteration n (the count is checkpointed in ``state_dict``); K is ``total_iterations`` or the recipe's train.steps (beyond K, t stays 1/K).
 
     Shared test T-ZEROADV holds on-policy only (hence the tag): off-policy the KL proximity term pulls every
     token, zero-advantage ones included, back toward the frozen iterate.
@@ -201,10 +201,12 @@ class MDPO:
         if total_iterations is not None and total_iterations < 1:
             raise ValueError(f"mdpo total_iterations must be >= 1, got {total_iterations}")
         self.total_iterations = total_iterations
-        self.iteration = 1
+        self.iteration = 1  # k of the batch being trained on
+        self._prepared = 0  # rollout batches seen
 
     def prepare(self, rollouts: Rollouts, ctx) -> Rollouts:
-        self.iteration = int(getattr(ctx, "step", 0)) + 1
+        self._prepared += 1
+        self.iteration = self._prepared
         if self.total_iterations is None:
             config = getattr(ctx, "config", None)
             steps = getattr(getattr(config, "train", None), "steps", None)
@@ -230,10 +232,11 @@ class MDPO:
         return loss, metrics
 
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "total_iterations": self.total_iterations}
+        return {"iteration": self.iteration, "prepared": self._prepared, "total_iterations": self.total_iterations}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
+        self._prepared = int(state.get("prepared", self.iteration))
         self.total_iterations = state["total_iterations"]
 
 

@@ -98,10 +98,10 @@ class TPPO:
         ext_mask[torch.arange(mask.shape[0]), last + 1] = 1
         scored = ctx.score(rollouts.with_(completion_ids=ext_ids, completion_mask=ext_mask), with_hidden=True)
         hidden = scored.hidden.detach()
-        head = self._ensure_head(hidden.shape[-1], hidden.device)
-        with torch.no_grad():
-            values_ext = head(hidden).float()
-        done = self.done_flags(rollouts).to(values_ext.device)
+        head = self._ensure_head(hidden.shape[-1], getattr(ctx, "device", None) or hidden.device)
+        with torch.no_grad():  # the head lives beside the policy; the batch's tensors stay where they are
+            values_ext = head(hidden.to(head.linear.weight.device)).float().to(mask.device)
+        done = self.done_flags(rollouts).to(mask.device)
         values = values_ext[:, : mask.shape[1]] * mask
         bootstrap = torch.where(done, torch.zeros_like(last, dtype=values.dtype), values_ext[torch.arange(mask.shape[0]), last + 1])
         rewards = outcome_token_rewards(require_rewards(rollouts, "t_ppo"), mask, done)
