@@ -158,6 +158,27 @@ def test_kto_prepare_estimates_z0_from_mismatched_completions():
     assert metrics["kto/kl"].item() == pytest.approx(0.15, abs=1e-6)
 
 
+def test_kto_after_prepare_is_exact_under_any_micro_batching():
+    batch, logp = make_batch([1.0, 0.0, float("nan"), 1.0, 0.0, 1.0], [2, 3, 1, 2, 3, 1], [0, 0, 1, 1, 2, 2], ref_shift=-0.1)
+    # reference point 0 keeps this about the labelled-fraction normaliser: rows [0, 3] alone have no NaN row, so a
+    # micro-batch-local normaliser (1 instead of 6/5) would break the sum
+    kto = registry.build("objective", "kto", {"reference_point": "zero"})
+    prepared = kto.prepare(batch, SimpleNamespace(config=load_recipe("kto"), tokenizer=None))
+    assert prepared.extras["kto_row_scale"].item() == pytest.approx(6 / 5)  # one NaN reward: 5 labelled of 6 rows
+    m = prepared.completion_mask
+    norm = Normaliser.of(m, 8)
+    aggregate = registry.build("aggregate", "seq-mean-token-sum")
+    leaf = logp.clone().requires_grad_(True)
+    full, _ = kto(PolicyOutputs(leaf), prepared)
+    total = aggregate(full * m, m, norm)
+    for rows in ([0, 3], [1, 2, 4, 5]):
+        index = torch.tensor(rows)
+        sub = prepared.select(index)
+        part, _ = kto(PolicyOutputs(leaf[index]), sub)
+        total = total - aggregate(part * sub.completion_mask, sub.completion_mask, norm)
+    assert abs(total.item()) < 1e-6
+
+
 # ---------------------------------------------------------------------------------------------------
 # CoPG
 

@@ -55,12 +55,14 @@ class RealObjective:
 
     Per-token loss: every row carries the batch loss L spread with weight 1/L_i, so the recipe MUST use
     ``aggregate: seq-mean-token-sum`` (checked in ``prepare``); all G rows of a prompt must share one
-    micro-batch (train.micro_batch_size >= rows per step, checked too). Labels: correct iff reward >
+    micro-batch (train.micro_batch_size >= rows per step; ``prepare`` warns otherwise). Labels: correct iff reward >
     ``correct_threshold``; NaN rewards and empty rows are neither class.
     Shared-test tags: T-ONPOL (labels come from rewards, not batch.advantages: REAL is not REINFORCE with
     them; its own on-policy gradient, ±1/tau-bounded, is tested in tests/test_objectives_supervised_classification.py)
     and T-MICRO (the loss couples the rows of a prompt; the spec's code all-gathers them).
     """
+
+    needs_whole_groups = True  # see common.check_whole_groups
 
     def __init__(self, *, tau: float = 0.5, variant: str = "real", correct_threshold: float = 0.5):
         if tau <= 0:
@@ -154,10 +156,12 @@ class PacsObjective:
 
     Per-token loss: row i carries w_i*BCE_i spread with weight 1/L_i, so the recipe MUST use
     ``aggregate: seq-mean-token-sum`` (mean over rows, the PyTorch weighted mean the spec names). The RLOO
-    score couples the rows of a prompt: one micro-batch must hold the whole batch (checked in ``prepare``).
+    score couples the rows of a prompt: one micro-batch must hold the whole batch (``prepare`` warns otherwise).
     Shared-test tags: T-ONPOL (labels from rewards, not batch.advantages), T-ZEROADV (an all-equal prompt
     gives zero gradient only at psi = 0, i.e. on-policy; off-policy psi != 0 and BCE still pulls), T-MICRO.
     """
+
+    needs_whole_groups = True  # see common.check_whole_groups
 
     def __init__(self, *, beta: float = 1.0, reward_method: str = "sum", score: str = "rloo", class_balance: bool = True,
                  correct_threshold: float = 0.5):

@@ -10,6 +10,7 @@ returns ``mean_i s_i`` (sequences with L_i > 0). Each objective says which s_i i
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -17,7 +18,10 @@ from torch import Tensor
 
 from policylab.rollouts import Rollouts
 
+log = logging.getLogger(__name__)
+
 SEQUENCE_LEVEL_AGGREGATE = "seq-mean-token-sum"
+_warned_split_groups: set[str] = set()
 
 
 def lengths_of(mask: Tensor) -> Tensor:
@@ -82,18 +86,26 @@ def check_aggregate(ctx: Any, objective: str, allowed: tuple[str, ...] = (SEQUEN
         )
 
 
-def check_whole_groups(ctx: Any, batch: Rollouts, objective: str) -> None:
-    """The loss couples the rows of a prompt, so one micro-batch must hold the whole rollout batch."""
+def check_whole_groups(ctx: Any, batch: Rollouts, objective: str) -> bool:
+    """True when one micro-batch holds the whole rollout batch, as a loss that couples the rows of a prompt needs.
+
+    The loop cuts micro-batches by length, so with a smaller micro_batch_size a prompt's rows are split and each
+    micro-batch sees partial groups (pairs whose two rows fall apart are lost). That still trains, so it is a
+    warning (once per objective), not an error; the recipes set micro_batch_size >= rows per step.
+    """
     config = getattr(ctx, "config", None)
     if config is None:
-        return
+        return True
     train = config.train
-    if train.micro_batch_size < batch.batch_size or train.mini_batches != 1:
-        raise ValueError(
-            f"objective {objective!r} couples all rows of a prompt in one loss call, but the loop cuts micro-batches "
-            f"by length: set train.micro_batch_size >= {batch.batch_size} (rows per step) and train.mini_batches = 1 "
-            f"(got {train.micro_batch_size} and {train.mini_batches})"
-        )
+    whole = train.micro_batch_size >= batch.batch_size and train.mini_batches == 1
+    if not whole and objective not in _warned_split_groups:
+        _warned_split_groups.add(objective)
+        log.warning(
+            "objective %r couples all rows of a prompt in one loss call, but train.micro_batch_size = %d < %d rows "
+            "per step (or mini_batches = %d > 1): micro-batches split prompts and the loss sees partial groups. "
+            "Set train.micro_batch_size >= %d and train.mini_batches = 1 for the spec's loss.",
+            objective, train.micro_batch_size, batch.batch_size, train.mini_batches, batch.batch_size)
+    return whole
 
 
 def aggregate_denominator(aggregate: str, mask: Tensor, params: dict | None = None) -> float:

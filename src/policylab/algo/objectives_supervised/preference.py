@@ -107,9 +107,14 @@ def seq_log_ratio_to_ref(out: PolicyOutputs, batch: Rollouts, objective: str) ->
 
 
 class _SequenceLevel:
-    """prepare(): offline pair rows -> two rows per prompt; check aggregation and whole-group micro-batches."""
+    """prepare(): offline pair rows -> two rows per prompt; check aggregation and whole-group micro-batches.
+
+    ``needs_whole_groups``: the loss couples the rows of a prompt, so a loop that cuts micro-batches at group
+    boundaries should do so for this objective (today's loop cuts by length; see common.check_whole_groups).
+    """
 
     name = "?"
+    needs_whole_groups = True
 
     def needs_reference(self) -> bool:
         return True
@@ -120,7 +125,8 @@ class _SequenceLevel:
         check_aggregate(ctx, self.name)
         if has_pair_rows(rollouts.rows):
             rollouts = pair_rollouts(rollouts, ctx.tokenizer)
-        check_whole_groups(ctx, rollouts, self.name)
+        if self.needs_whole_groups:
+            check_whole_groups(ctx, rollouts, self.name)
         return rollouts
 
 
@@ -143,7 +149,8 @@ class DpoObjective(_SequenceLevel):
     online from the rollouts' rewards with ``pairs`` = best_worst (default; reconstructed VerIPO choice) | all |
     correct_incorrect (:func:`preference_pairs`). Reference = the policy at the start of the run (the DPO phase).
     Per-token loss: the batch mean is spread with weight 1/L_i, so the recipe MUST use
-    ``aggregate: seq-mean-token-sum``; all rows of a prompt in one micro-batch (both checked in ``prepare``).
+    ``aggregate: seq-mean-token-sum``; all rows of a prompt in one micro-batch (``prepare`` checks the
+    aggregate and warns when micro-batches would split prompts).
     Shared-test tags: T-ONPOL (a preference loss, not REINFORCE with batch.advantages) and T-MICRO (pairs couple rows).
     """
 
@@ -219,13 +226,16 @@ class KtoObjective(_SequenceLevel):
     batch's own completions) (an on-policy estimate of KL(pi || ref); ours); ``zero``. A bare call without
     prepare() uses ``batch``. The recipe's reference = the policy at the start of the run (CONSCIENTIA resets it
     each round; restart the run from the last checkpoint for a new round).
-    Per-token loss: each labelled row carries its loss (x rows/labelled rows) spread with weight 1/L_i, so the
-    recipe MUST use ``aggregate: seq-mean-token-sum``.
+    Per-token loss: each labelled row carries its loss (x rows/labelled rows, counted over the whole rollout batch
+    in ``prepare``) spread with weight 1/L_i, so the recipe MUST use ``aggregate: seq-mean-token-sum``. The loss is
+    per example, so any micro-batching is exact once ``prepare`` has run.
     Shared-test tags: T-ONPOL (not REINFORCE with batch.advantages), T-ZEROADV (unpaired: an all-desirable prompt
-    still trains, by design), T-MICRO (the ``batch`` reference point of a bare call depends on the micro-batch).
+    still trains, by design), T-MICRO (a bare call without prepare() takes its reference point and its labelled
+    fraction from the micro-batch it sees).
     """
 
     name = "kto"
+    needs_whole_groups = False
 
     def __init__(self, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
                  reference_point: str = "mismatched", correct_threshold: float = 0.5):
@@ -238,7 +248,18 @@ class KtoObjective(_SequenceLevel):
         rollouts = super().prepare(rollouts, ctx)
         if self.reference_point == "mismatched":
             rollouts.extras["kto_z0"] = self.mismatched_reference_point(rollouts, ctx)
+        _, labelled = self.labels(rollouts)
+        usable = usable_rows(rollouts)
+        rollouts.extras["kto_row_scale"] = usable.sum().clamp(min=1) / labelled.sum().clamp(min=1)
         return rollouts
+
+    def labels(self, batch: Rollouts) -> tuple[Tensor, Tensor]:
+        """(desirable [B], labelled [B]) from extras["pref_label"] or from the rewards."""
+        usable = usable_rows(batch)
+        label = batch.extras.get("pref_label")
+        if label is not None:
+            return label > 0, (label != 0) & usable
+        return labels_from_rewards(batch, self.correct_threshold)
 
     @torch.no_grad()
     def mismatched_reference_point(self, rollouts: Rollouts, ctx) -> Tensor:
@@ -262,18 +283,15 @@ class KtoObjective(_SequenceLevel):
         logp_seq, ref_seq = seq_log_ratio_to_ref(out, batch, self.name)
         log_ratio = logp_seq - ref_seq
         usable = usable_rows(batch).to(log_ratio.device)
-        label = batch.extras.get("pref_label")
-        if label is not None:
-            label = label.to(log_ratio.device)
-            desirable, labelled = label > 0, (label != 0) & usable
-        else:
-            correct, ok = labels_from_rewards(batch, self.correct_threshold)
-            desirable, labelled = correct.to(log_ratio.device), ok.to(log_ratio.device)
+        desirable, labelled = (x.to(log_ratio.device) for x in self.labels(batch))
         z0 = self.reference_point_value(batch, log_ratio, labelled)
         loss = kto_losses(log_ratio, desirable, z0, beta=self.beta, desirable_weight=self.desirable_weight,
                           undesirable_weight=self.undesirable_weight) * labelled
-        n_labelled, n_rows = labelled.sum().clamp(min=1), usable.sum().clamp(min=1)
-        row_loss = loss * (n_rows / n_labelled)
+        n_labelled = labelled.sum().clamp(min=1)
+        row_scale = batch.extras.get("kto_row_scale")
+        if row_scale is None:
+            row_scale = usable.sum().clamp(min=1) / n_labelled
+        row_loss = loss * torch.as_tensor(row_scale, device=log_ratio.device)
         r = (self.beta * log_ratio).detach()
         des, und = desirable & labelled, ~desirable & labelled
         metrics = {
@@ -319,7 +337,8 @@ class CopgObjective(_SequenceLevel):
     importance ratio: the fixed point is logp - ref = R/beta + c(x). The overall scale of the loss is uncertain
     in the spec (absorbed by the learning rate).
     Per-token loss: the batch mean is spread with weight 1/L_i, so the recipe MUST use
-    ``aggregate: seq-mean-token-sum``; all rows of a prompt in one micro-batch (checked in ``prepare``).
+    ``aggregate: seq-mean-token-sum``; all rows of a prompt in one micro-batch (``prepare``
+    checks the aggregate and warns when micro-batches would split prompts).
     Shared-test tags: T-ONPOL (not REINFORCE with batch.advantages), T-ZEROADV (equal rewards still pull the
     log-ratios of a prompt together: the regularised fixed point, by design), T-MICRO (pairs couple rows).
     """
@@ -397,7 +416,8 @@ class TrpaObjective(_SequenceLevel):
     Trust region: L_TR = tr_kl_coef * masked_mean(k3(logp, old_logp)) (``sqrt_tr``: tr_kl_coef*sqrt(KL + 0.25)).
     L = L_pref + L_TR (a ref-KL regularizer is NOT added). Levels: :func:`preference_levels`.
     Per-token loss: L is spread with weight 1/L_i, so the recipe MUST use ``aggregate: seq-mean-token-sum``;
-    all rows of a prompt in one micro-batch (both checked in ``prepare``).
+    all rows of a prompt in one micro-batch (``prepare`` checks the aggregate
+    and warns when micro-batches would split prompts).
     Shared-test tags: T-ONPOL (not REINFORCE with batch.advantages), T-ZEROADV (the trust-region term acts on every
     token, also of an equal-level prompt, whenever logp != old_logp), T-MICRO (pairs couple rows).
     """
