@@ -132,3 +132,13 @@ def test_llm_step_judge_majority_and_resolve_mapping():
     assert LLMStepJudge(Judge(CannedBackend(["nothing"]), k=1))("Q", "a") is None
     with pytest.raises(ValueError, match="unknown LLM judge option"):
         resolve_judge({"backend": "hf", "modle": "x"})
+
+
+def test_rl_struct_fixed_schema_spec_numbers():
+    from policylab.rewards.shaping_group import rl_struct_fixed_schema
+
+    schema = {"answer": "number", "steps": "list"}
+    pred = '{"answer": "5", "steps": ["a"], "extra": 1}'
+    assert rl_struct_fixed_schema("", pred, {"answer": "5"}, schema=schema) == pytest.approx(0.791667, abs=1e-6)
+    assert rl_struct_fixed_schema("", "not json", {"answer": "5"}, schema=schema) == 0.0
+    assert rl_struct_fixed_schema("", '{"answer": 19}', {"answer": "19"}) == pytest.approx(1.0)

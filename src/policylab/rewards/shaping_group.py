@@ -247,3 +247,34 @@ class FAPOShaping:
         n_correct = float(correct.sum())
         return delta, {"fapo/flawed_positive_rate": float(flawed.sum()) / n_correct if n_correct else 0.0,
                        "fapo/unparsable_rate": unparsable / n_correct if n_correct else 0.0}
+
+
+# -- RL-Struct adapter (C7) ---------------------------------------------------------------------------------
+
+
+@register("reward", "rl_struct_fixed_schema", spec="advantages_rewards.md C7")
+def rl_struct_fixed_schema(prompt: str, completion: str, row: dict, *, schema: dict | None = None, w_valid: float = 0.25,
+                           w_struct: float = 0.25, w_format: float = 0.25, w_content: float = 0.25,
+                           gold_key: str = "answer", answer_field: str = "answer", format_over: str = "schema") -> float:
+    """The ``rl_struct`` reward (rewards/structure.py) for tasks whose rows carry no schema: the recipe gives
+    one schema for every row (default ``{"answer": "number"}``); gold values from ``row[gold_key]`` (a dict,
+    JSON text, or a scalar standing for ``{answer_field: scalar}``). Same four terms, same weights.
+    (Adapter only: the terms are ``structure.rl_struct_components``; a ``schema=`` option on ``rl_struct``
+    itself would make this unnecessary.)
+    """
+    import json
+
+    from policylab.rewards.structure import rl_struct_components
+
+    gold = row.get(gold_key)
+    if isinstance(gold, str):
+        try:
+            gold = json.loads(gold)
+        except ValueError:
+            pass
+    if gold is not None and not isinstance(gold, dict):
+        gold = {answer_field: gold}
+    terms = rl_struct_components(completion, schema or {"answer": "number"}, gold, format_over=format_over)
+    content_weight = w_content if gold is not None else 0.0
+    return (w_valid * terms["valid"] + w_struct * terms["struct"] + w_format * terms["format"]
+            + content_weight * terms["content"])

@@ -79,6 +79,11 @@ def spae_token_advantages(adv: Tensor, segment: Tensor, potentials: Tensor, num_
 class _AnswerProbe:
     """Shared probe plumbing: step boundaries, contexts, teacher-forced answer log-probs."""
 
+    metrics: dict[str, float]
+
+    def after_step(self, metrics: dict) -> None:
+        metrics.update(self.metrics)
+
     delimiter: str
     stop_marker: str | None
     template: str
