@@ -232,3 +232,27 @@ def test_papo_double_entropy_clip_schedule_and_prepare():
     assert "papo_aug_logp" not in PAPORegularizer(gamma=0.0, eta_ori=0.06).prepare(batch, ctx).extras
     with pytest.raises(ValueError, match="prepare"):
         PAPORegularizer()(PolicyOutputs(logp=torch.zeros(2, 2)), batch)
+
+
+def test_papo_resume_gives_the_same_schedule_and_corruption():
+    model = tiny_model()
+    ctx = make_ctx(model)
+    ctx.config = Recipe()
+    ctx.config.train.steps = 10
+    batch = make_rollouts(["Q: 12 + 30?"] * 2, ["42", "4"], [0, 0], rewards=[1.0, 0.0])
+    first = PAPORegularizer(gamma=0.02, gamma_end=0.0, seed=1)
+    first.prepare(batch, ctx)
+    state = copy.deepcopy(first.state_dict())
+    a = first.prepare(batch, ctx)
+    second = PAPORegularizer(gamma=0.02, gamma_end=0.0, seed=7)
+    second.load_state_dict(state)
+    b = second.prepare(batch, ctx)
+    assert second.gamma == first.gamma == pytest.approx(0.018)
+    torch.testing.assert_close(b.extras["papo_aug_logp"], a.extras["papo_aug_logp"])
+
+
+def test_akl_without_reference_is_a_clear_error():
+    reg = AccuracyConditionedKL()
+    r = make_rollouts(["p"], ["a"], [0], rewards=[1.0])
+    with pytest.raises(ValueError, match="ref_logp"):
+        reg(PolicyOutputs(logp=torch.zeros(1, 1)), r)

@@ -172,3 +172,14 @@ def test_vppo_end_to_end_weights():
     empty.extras["vppo_aug_logp"] = torch.zeros(1, 1)
     w, _ = vppo(PolicyOutputs(logp=torch.zeros(1, 1)), empty)
     assert w.sum() == 0
+
+
+def test_vppo_resume_gives_the_same_corrupted_pass():
+    r = make_rollouts(["Q: 12 + 30 = ?"] * 2, ["42", "4"], [0, 0], rewards=[1.0, 0.0])
+    model, first = tiny_model(), VPPOWeights(seed=4)
+    first.prepare(r, make_ctx(model))  # advance the generator once
+    state = first.state_dict()
+    a = first.prepare(r, make_ctx(model)).extras["vppo_aug_logp"]
+    second = VPPOWeights(seed=99)
+    second.load_state_dict(state)
+    torch.testing.assert_close(second.prepare(r, make_ctx(model)).extras["vppo_aug_logp"], a)
