@@ -1,7 +1,5 @@
 """advantages_rewards.md B4 A-GRAE, B5 DGPO, B7 ADORA, B8 TMN-Reweight (+ data_agents_eval.md A7-A9 rows)."""
 
-import math
-
 import pytest
 import torch
 

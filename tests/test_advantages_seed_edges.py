@@ -48,7 +48,7 @@ def make(rewards, group, lengths):
         prompts=[f"p{g}" for g in group], completions=[str(int(r)) if r == r else "?" for r in rewards],
         rows=[{"answer": "1"} for _ in rewards], rewards=torch.tensor(rewards, dtype=torch.float32),
         old_logp=logp, ref_logp=logp - 0.1 * torch.rand(b, width, generator=gen),
-        extras={"values": 0.5 * torch.ones(b, width) * mask},
+        extras={"value/values": 0.5 * torch.ones(b, width) * mask},
     )
 
 

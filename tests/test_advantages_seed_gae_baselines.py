@@ -1,13 +1,12 @@
 """advantages_rewards.md A6 (GAE + value loss), A7 (ReMax), A9 (HAPO token-level group average)."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from policylab import registry
 from policylab.algo.advantages_seed.baselines import remax_advantage
-from policylab.algo.advantages_seed.gae import clipped_value_loss, explained_variance, generalized_advantages
+from policylab.algo.advantages_seed.gae import explained_variance
+from policylab.algo.value import clipped_value_loss, gae
 from policylab.rollouts import Rollouts
 
 ATOL = 1e-4
@@ -27,6 +26,11 @@ def make(rewards, group=None, lengths=None, prompts=None, **extra):
 
 
 # ---------------------------------------------------------------------------------------------- A6 GAE
+# The recursion and the value loss are the shared functions of policylab.algo.value; these are A6's rows.
+
+
+def generalized_advantages(token_rewards, values, mask, gamma, lam):
+    return gae(token_rewards, values, mask, gamma=gamma, lam=lam)
 
 
 def test_gae_t1_lambda_095():
@@ -52,19 +56,24 @@ def test_gae_t3_masked_middle_token_is_skipped():
     assert adv[0, 2] == pytest.approx(0.3, abs=ATOL)
 
 
-def test_gae_advantage_whitens_and_stores_returns():
-    batch = make([1.0, 0.0], lengths=[3, 2], extras={"values": torch.tensor([[0.5, 0.6, 0.7], [0.2, 0.1, 9.0]])})
+def test_gae_advantage_is_whitened_gae_of_outcome_rewards():
+    values = torch.tensor([[0.5, 0.6, 0.7], [0.2, 0.1, 9.0]])
+    batch = make([1.0, 0.0], lengths=[3, 2], extras={"value/values": values})
+    raw = registry.build("advantage", "gae", {"lam": 0.95, "whiten": False})(batch)
+    assert torch.allclose(raw[0], torch.tensor([0.46575, 0.385, 0.3]), atol=ATOL)  # A6 T1 on row 0
+    # row 1: R = [0, 0], V = [0.2, 0.1], padding value 9.0 ignored: [0.1 - 0.2 + 0.95 * (0 - 0.1), -0.1, 0]
+    assert torch.allclose(raw[1], torch.tensor([-0.195, -0.1, 0.0]), atol=ATOL)
     adv = registry.build("advantage", "gae", {"lam": 0.95})(batch)
-    raw0, _ = generalized_advantages(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.6, 0.7]]), torch.ones(1, 3), 1.0, 0.95)
-    assert torch.allclose(batch.extras["returns"][0], raw0[0] + torch.tensor([0.5, 0.6, 0.7]), atol=ATOL)
     valid = batch.completion_mask > 0
     assert adv[valid].mean().abs() < 1e-5 and adv[valid].std() == pytest.approx(1.0, abs=1e-3)
-    assert adv[1, 2] == 0  # padding stays 0 (its value 9.0 is ignored)
+    assert adv[1, 2] == 0
 
 
 def test_gae_without_values_names_the_missing_extra():
     with pytest.raises(ValueError, match="values"):
         registry.build("advantage", "gae")(make([1.0]))
+    with_values = make([1.0], extras={"values": torch.zeros(1, 3)})
+    assert registry.build("advantage", "gae", {"values_key": "values"})(with_values).shape == (1, 3)
 
 
 def test_value_loss_takes_the_pessimistic_branch():
@@ -91,7 +100,7 @@ def test_explained_variance():
 
 
 def test_gae_empty_mask_is_zero_not_nan():
-    batch = make([1.0, 0.0], lengths=[0, 0], extras={"values": torch.zeros(2, 1)})
+    batch = make([1.0, 0.0], lengths=[0, 0], extras={"value/values": torch.zeros(2, 1)})
     adv = registry.build("advantage", "gae")(batch)
     assert torch.equal(adv, torch.zeros(2, 1))
 

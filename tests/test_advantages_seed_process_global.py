@@ -1,7 +1,5 @@
 """advantages_rewards.md B9 ReNorm (step-level process rewards) and B11 COPO (global advantage + loss blend)."""
 
-import math
-
 import pytest
 import torch
 

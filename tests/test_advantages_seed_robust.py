@@ -1,7 +1,5 @@
 """advantages_rewards.md B1 (MC-GRPO), B2 (BNPO), B3 (RiskPO): the spec's numbers, edge cases, resume."""
 
-import math
-
 import pytest
 import torch
 

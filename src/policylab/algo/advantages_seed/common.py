@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from policylab.algo.group_stats import group_index
 from policylab.rollouts import Rollouts
 
 
@@ -29,10 +28,6 @@ def group_max(values: Tensor, idx: Tensor, k: int, empty: float = float("-inf"))
     """[K] per-group maxima of ``values`` [B]; groups with no entries get ``empty``."""
     out = torch.full((k,), empty, dtype=torch.float64)
     return out.scatter_reduce(0, idx, values.double(), reduce="amax", include_self=True)
-
-
-def dense_groups(rollouts: Rollouts) -> tuple[Tensor, int]:
-    return group_index(rollouts.group)
 
 
 def require_extra(rollouts: Rollouts, key: str, who: str, hint: str) -> Tensor:
