@@ -365,3 +365,157 @@ def test_bootstrap_ci_brackets_mean_and_is_seeded():
     assert lo < 0.5 < hi and (lo, hi) == S.bootstrap_ci(values, seed=1)
     assert 0.35 < lo and hi < 0.65
     assert S.bootstrap_ci([0.3] * 10) == (pytest.approx(0.3), pytest.approx(0.3))
+
+
+# ------------------------------------------------------------------ evaluate() on the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from policylab import models
+    from policylab.tasks.arithmetic import arithmetic
+
+    model, tokenizer = models.load("tiny", seed=0)
+    rows = arithmetic(low=0, high=9, train_size=10, eval_size=3, seed=5).eval
+    return model, tokenizer, rows
+
+
+class Recorder:
+    """A reward that is a fixed function of the completion text, remembering every call."""
+
+    def __init__(self, rule=lambda text: 1.0 if len(text) % 2 == 0 else 0.0):
+        self.rule = rule
+        self.calls = []
+
+    def __call__(self, prompt, completion, row):
+        self.calls.append((prompt, completion, row))
+        return self.rule(completion)
+
+
+def test_evaluate_groups_verdicts_by_prompt(tiny):
+    from policylab.eval.evaluate import evaluate
+
+    model, tokenizer, rows = tiny
+    reward = Recorder()
+    out = evaluate(model, tokenizer, rows, reward, k=4, max_new_tokens=5, er_stride=2, bootstrap_resamples=50)
+    sampled, greedy = reward.calls[:12], reward.calls[12:]
+    assert len(greedy) == 3 and [r for _, _, r in greedy] == rows
+    per_prompt = {}
+    for _, completion, row in sampled:
+        per_prompt.setdefault(row["prompt"], []).append(reward.rule(completion) > 0.5)
+    assert sorted(per_prompt) == sorted(r["prompt"] for r in rows) and all(len(v) == 4 for v in per_prompt.values())
+    counts = [sum(v) for v in per_prompt.values()]
+    assert out["accuracy"] == pytest.approx(sum(counts) / 12) == pytest.approx(out["pass@1"])
+    for j in (1, 2, 4):
+        by_hand = sum(1 - math.comb(4 - c, j) / math.comb(4, j) for c in counts) / 3
+        assert out[f"pass@{j}"] == pytest.approx(by_hand)
+        lo, hi = out[f"pass@{j}_ci"]
+        assert lo <= out[f"pass@{j}"] <= hi
+    assert out["greedy_accuracy"] == pytest.approx(sum(reward.rule(c) > 0.5 for _, c, _ in greedy) / 3)
+    assert (out["k"], out["num_prompts"], out["num_samples"], out["max_new_tokens"]) == (4, 3, 12, 5)
+    assert 0 < out["length/mean"] <= out["length/max"] <= 5
+    assert 0 <= out["entropy/p10"] <= out["entropy/p50"] <= out["entropy/p90"] <= math.log(len(tokenizer)) + 1e-4
+    assert out["er"] >= 1.0 - 1e-6
+
+
+def test_evaluate_majority_uses_answers_and_invalid_cluster(tiny):
+    from policylab.eval.evaluate import evaluate
+
+    model, tokenizer, rows = tiny
+    always = Recorder(lambda text: 1.0)
+    same = evaluate(model, tokenizer, rows, always, k=3, max_new_tokens=3, answer_fn=lambda c, r: "42",
+                    greedy=False, er_stride=0, bootstrap_resamples=0)
+    assert same["maj@1"] == same["maj@3"] == same["pass@3"] == 1.0
+    assert "greedy_accuracy" not in same and "er" not in same
+    # nothing extractable: every vote goes to the invalid cluster, which is never correct
+    none = evaluate(model, tokenizer, rows, always, k=3, max_new_tokens=3, answer_fn=lambda c, r: None,
+                    greedy=False, er_stride=0, bootstrap_resamples=0)
+    assert none["maj@3"] == 0.0 and none["pass@3"] == 1.0
+
+
+def test_evaluate_failed_rewards_are_incorrect(tiny):
+    from policylab.eval.evaluate import evaluate
+
+    model, tokenizer, rows = tiny
+
+    def broken(prompt, completion, row):
+        if row is rows[0]:
+            raise RuntimeError("verifier crashed")
+        return None if row is rows[1] else 1.0
+
+    out = evaluate(model, tokenizer, rows, broken, k=2, max_new_tokens=3, greedy=False, er_stride=0,
+                   bootstrap_resamples=0)
+    assert out["reward/failed"] == pytest.approx(2 / 3)
+    assert out["accuracy"] == pytest.approx(1 / 3) and out["reward/mean"] == 1.0
+
+
+def test_evaluate_is_seeded_and_keeps_the_global_rng(tiny):
+    from policylab.eval.evaluate import evaluate
+
+    model, tokenizer, rows = tiny
+    state = torch.get_rng_state()
+    kwargs = dict(k=2, max_new_tokens=4, greedy=False, er_stride=0, bootstrap_resamples=0, keep_samples=6)
+    a = evaluate(model, tokenizer, rows, Recorder(), seed=7, **kwargs)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = evaluate(model, tokenizer, rows, Recorder(), seed=7, **kwargs)
+    assert a == b
+    c = evaluate(model, tokenizer, rows, Recorder(), seed=8, **kwargs)
+    assert [s["completion"] for s in a["samples"]] != [s["completion"] for s in c["samples"]]
+
+
+def test_score_completions_agrees_with_sampling_and_a_plain_forward(tiny):
+    """Teacher-forced log-probs equal the engine's behaviour log-probs (same model, temperature 1), the
+    entropy equals the full-vocabulary entropy of a plain forward, and the hidden states are those of the
+    response tokens themselves (not shifted by one)."""
+    from policylab.eval.evaluate import score_completions
+    from policylab.rollout.hf import HFEngine, SamplingSettings
+
+    model, tokenizer, rows = tiny
+    torch.manual_seed(0)
+    rollouts = HFEngine().generate(model, tokenizer, rows, SamplingSettings(group_size=2, max_new_tokens=5))
+    scores = score_completions(model, rollouts, temperature=1.0, batch_size=4)
+    mask = rollouts.completion_mask.bool()
+    assert torch.allclose(scores["logp"][mask], rollouts.behavior_logp[mask], atol=1e-4)
+    ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], 1)
+    attention = torch.cat([rollouts.prompt_mask, rollouts.completion_mask.long()], 1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=attention, position_ids=positions, output_hidden_states=True)
+    P, T = rollouts.prompt_ids.shape[1], rollouts.completion_ids.shape[1]
+    entropy = M.token_entropy(full.logits[:, P - 1 : P - 1 + T])
+    assert torch.allclose(scores["entropy"][mask], entropy[mask], atol=1e-4)
+    hidden = full.hidden_states[-1][:, P : P + T]
+    assert torch.allclose(scores["hidden"][mask], hidden[mask], atol=1e-4)
+    hot = score_completions(model, rollouts, temperature=2.0, batch_size=4)
+    assert torch.allclose(hot["logp"], scores["logp"])  # confidence stays at temperature 1 (E3)
+    assert torch.allclose(hot["entropy"][mask], M.token_entropy(full.logits[:, P - 1 : P - 1 + T], 2.0)[mask], atol=1e-4)
+
+
+def test_evaluate_rejects_bad_settings(tiny):
+    from policylab.eval.evaluate import evaluate
+
+    model, tokenizer, rows = tiny
+    with pytest.raises(ValueError, match="at least one held-out row"):
+        evaluate(model, tokenizer, [], Recorder())
+    with pytest.raises(ValueError, match="k >= 1"):
+        evaluate(model, tokenizer, rows, Recorder(), k=0)
+    with pytest.raises(ValueError, match=r"ks must lie in \[1, k=2\]"):
+        evaluate(model, tokenizer, rows, Recorder(), k=2, ks=[1, 4])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        evaluate(model, tokenizer, rows, Recorder(), temperature=0.0)
+
+
+def test_main_eval_cli(tmp_path, capsys):
+    import json
+
+    from policylab.eval.evaluate import main_eval
+
+    out = tmp_path / "eval.json"
+    code = main_eval(["--model", "tiny", "-k", "2", "-n", "2", "--max-new-tokens", "3", "--er-stride", "0",
+                      "--set", "task.low=0", "--set", "task.high=9", "--set", "task.train_size=10",
+                      "--set", "task.eval_size=2", "--task", "arithmetic", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["k"] == 2 and result["num_prompts"] == 2 and "pass@2" in result and "greedy_accuracy" in result
+    assert main_eval([]) == 2
+    assert "name a run directory or a model" in capsys.readouterr().err
