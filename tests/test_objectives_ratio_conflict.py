@@ -90,7 +90,7 @@ def test_gtpo_entropy_filter_and_shaping():
     assert torch.all(g[0] == 0)  # Hbar = 0.8 > 0.7: filtered
     assert torch.allclose(g[1], torch.full((2,), -(-0.5 - 0.05)))  # A = -0.5 - 0.1 * 0.5
     _, metrics = objective(PolicyOutputs(logp=leaf, entropy=entropy), batch)
-    assert float(metrics["gtpo/filtered"]) == 1.0
+    assert float(metrics["gtpo/filtered_frac"]) == 0.5
 
 
 def test_gtpo_conflict_tokens_reweight_the_gradient():

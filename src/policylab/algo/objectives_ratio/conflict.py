@@ -161,7 +161,7 @@ class GTPO:
         conflict_tokens = ((delta != mask.float()) & (mask > 0)).float()
         metrics = {
             "gtpo/conflict_frac": frac(conflict_tokens > 0, mask),
-            "gtpo/filtered": (filtered.float() * has_tokens).sum(),
+            "gtpo/filtered_frac": (filtered.float() * has_tokens).sum() / has_tokens.sum().clamp(min=1),
             "gtpo/mean_entropy": (mean_entropy * has_tokens).sum() / has_tokens.sum().clamp(min=1),
             "gtpo/num_conflict": masked_mean(n_conflict[:, None].expand_as(mask), mask),
         }
