@@ -211,10 +211,12 @@ def test_fiberpo_group_level_censors_a_drifting_group():
     assert grad_of(loss.sum(), leaf).abs().sum() > 0  # the group's residual w.r.t. its domain is 0
 
 
-def test_fiberpo_bad_budget_raises():
-    batch, leaf = make_batch([[0.0]], [[0.0]], [1.0])
-    with pytest.raises(ValueError, match="delta"):
-        run("fiberpo", batch, leaf, delta_fiber=1.5)
+def test_fiberpo_bad_options_raise_and_hierarchies_ask_for_whole_groups():
+    with pytest.raises(ValueError, match="delta_fiber"):
+        registry.build("objective", "fiberpo", {"delta_fiber": 1.5})
     with pytest.raises(ValueError, match="hierarchy"):
-        run("fiberpo", batch, leaf, hierarchy="domain")
+        registry.build("objective", "fiberpo", {"hierarchy": "domain"})
+    assert not registry.build("objective", "fiberpo").needs_whole_groups
+    assert registry.build("objective", "fiberpo", {"hierarchy": "group"}).needs_whole_groups
+    batch, leaf = make_batch([[0.0]], [[0.0]], [1.0])
     assert math.isfinite(float(run("fiberpo", batch, leaf)[0].detach().sum()))

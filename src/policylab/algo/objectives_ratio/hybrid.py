@@ -225,7 +225,6 @@ def _domain_ids(batch: Rollouts, key: str) -> Tensor:
 FIBER_HIERARCHIES = ("none", "group", "group+domain")
 
 
-@register("objective", "fiberpo", spec="objectives.md §2.5")
 def fiberpo_loss(out: PolicyOutputs, batch: Rollouts, *, delta_base: float = 0.05, delta_fiber: float = 0.2,
                  hierarchy: str = "none", delta_group: float = 0.02, delta_domain: float = 0.01,
                  domain_key: str = "domain") -> tuple[Tensor, dict]:
@@ -234,8 +233,7 @@ def fiberpo_loss(out: PolicyOutputs, batch: Rollouts, *, delta_base: float = 0.0
     b_i = (1/L_i) sum_t m*log rho (base), u_{i,t} = log rho - b_i (fiber); g^B = C(b_i; A, delta_base),
     g^F = C(u; A, delta_fiber), gates without gradient. ``hierarchy`` adds levels above the trajectory
     (group aggregate c_g, domain aggregate), each gated on its residual w.r.t. the level above with its own
-    delta; these levels use the rows present in the micro-batch, so keep whole groups in one micro-batch.
-    Reconstructed from the abstract (gate form = sign-aware censoring); defaults are the spec's guesses.
+    delta; these levels are computed over the rows of ``batch``.
     """
     if hierarchy not in FIBER_HIERARCHIES:
         raise ValueError(f"fiberpo hierarchy must be one of {', '.join(FIBER_HIERARCHIES)}, got {hierarchy!r}")
@@ -269,3 +267,34 @@ def fiberpo_loss(out: PolicyOutputs, batch: Rollouts, *, delta_base: float = 0.0
     metrics["fiberpo/abs_base"] = (base.squeeze(-1).abs() * has_tokens).sum() / has_tokens.float().sum().clamp(min=1)
     metrics["fiberpo/residual_std"] = residual.std() if residual.numel() > 1 else torch.tensor(0.0)
     return loss, metrics
+
+
+class FiberPO:
+    """FiberPO (objectives.md §2.5): trajectory (base) and token-residual (fiber) trust-region gates; see ``fiberpo_loss``.
+
+    Reconstructed from the abstract (gate form = sign-aware censoring); defaults are the spec's guesses:
+    delta_base 0.05, delta_fiber 0.2, hierarchy deltas 0.02 (group) and 0.01 (domain). With a hierarchy the
+    group aggregate is taken from the current log-ratios, so the component asks the loop for micro-batches
+    of whole groups (``needs_whole_groups``); the domain aggregate covers the domain's rows in the micro-batch.
+    """
+
+    def __init__(self, delta_base: float = 0.05, delta_fiber: float = 0.2, hierarchy: str = "none",
+                 delta_group: float = 0.02, delta_domain: float = 0.01, domain_key: str = "domain"):
+        if hierarchy not in FIBER_HIERARCHIES:
+            raise ValueError(f"fiberpo hierarchy must be one of {', '.join(FIBER_HIERARCHIES)}, got {hierarchy!r}")
+        for name, delta in (("delta_base", delta_base), ("delta_fiber", delta_fiber), ("delta_group", delta_group),
+                            ("delta_domain", delta_domain)):
+            if not 0.0 < delta < 1.0:
+                raise ValueError(f"fiberpo {name} must be in (0, 1), got {delta}")
+        self.params = dict(delta_base=delta_base, delta_fiber=delta_fiber, hierarchy=hierarchy,
+                           delta_group=delta_group, delta_domain=delta_domain, domain_key=domain_key)
+
+    @property
+    def needs_whole_groups(self) -> bool:
+        return self.params["hierarchy"] != "none"
+
+    def __call__(self, out: PolicyOutputs, batch: Rollouts) -> tuple[Tensor, dict]:
+        return fiberpo_loss(out, batch, **self.params)
+
+
+register("objective", "fiberpo", spec="objectives.md §2.5")(FiberPO)
