@@ -182,6 +182,8 @@ class CapoCurvature:
         return adam_direction(grad, self.m[ids], self.v[ids], self.step, *self.betas, self.adam_eps)
 
     def _ensure_state(self, hidden_size: int, device) -> None:
+        if self.m is not None and self.m.device != torch.device(device):  # e.g. restored from a CPU checkpoint
+            self.m, self.v = self.m.to(device), self.v.to(device)
         if self.m is None:
             vocab = self.output_weight.shape[0] if self.output_weight is not None else None
             if vocab is None:
