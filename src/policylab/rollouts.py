@@ -117,6 +117,17 @@ class Rollouts:
                 out[f.name] = merged
         return Rollouts(**out)
 
+    def to(self, device) -> "Rollouts":
+        """All tensors (fields, reward components, tensor extras) on ``device``."""
+        def move(v):
+            if isinstance(v, Tensor):
+                return v.to(device)
+            if isinstance(v, dict):
+                return {k: move(x) for k, x in v.items()}
+            return v
+
+        return Rollouts(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
     def with_(self, **changes) -> "Rollouts":
         return replace(self, **changes)
 

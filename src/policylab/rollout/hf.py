@@ -102,27 +102,30 @@ class HFEngine:
         pass
 
     @torch.no_grad()
-    def generate(self, model, tokenizer, rows: list[dict], settings: SamplingSettings, group_offset: int = 0) -> Rollouts:
+    def generate(self, model, tokenizer, rows: list[dict], settings: SamplingSettings, group_offset: int = 0,
+                 logits_processors: list | None = None) -> Rollouts:
+        """G completions per row. ``logits_processors`` (from components' ``logits_processor`` hooks, e.g.
+        HAPO's adaptive temperature) run first, so the behaviour log-probs include their effect."""
         prompts = [format_prompt(tokenizer, r) for r in rows]
         g = settings.group_size
         expanded_prompts = [p for p in prompts for _ in range(g)]
         expanded_rows = [r for r in rows for _ in range(g)]
         groups = torch.arange(len(rows)).repeat_interleave(g) + group_offset
         chunk = settings.batch_size or len(expanded_prompts)
-        parts = [self._generate_chunk(model, tokenizer, expanded_prompts[i:i + chunk], settings)
+        parts = [self._generate_chunk(model, tokenizer, expanded_prompts[i:i + chunk], settings, logits_processors or [])
                  for i in range(0, len(expanded_prompts), chunk)]
         out = Rollouts.concat(parts) if len(parts) > 1 else parts[0]
         out.group = groups
         out.rows = expanded_rows
         return out
 
-    def _generate_chunk(self, model, tokenizer, prompts: list[str], s: SamplingSettings) -> Rollouts:
+    def _generate_chunk(self, model, tokenizer, prompts: list[str], s: SamplingSettings, extra_processors: list) -> Rollouts:
         device = next(model.parameters()).device
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         prompt_len = enc.input_ids.shape[1]
         recorder = BehaviourLogprobs(prompt_len)
         greedy = s.temperature == 0
-        processors = LogitsProcessorList()
+        processors = LogitsProcessorList(extra_processors if not s.temperature == 0 else [])
         kwargs = dict(max_new_tokens=s.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                       eos_token_id=sorted(eos_token_ids(model, tokenizer)), return_dict_in_generate=False)
         if greedy:

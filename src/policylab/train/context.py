@@ -6,7 +6,14 @@ Component hooks the loop honours (all optional, looked up on the built component
 - ``needs_entropy_grad = True``: ``PolicyOutputs.entropy`` keeps its graph (entropy losses).
 - ``prepare(rollouts, ctx) -> Rollouts``: runs after rewards, before advantages, with this context
   (probe passes, value estimates, judges). Stateful components also give ``state_dict``/``load_state_dict``.
-- ``after_step(metrics: dict) -> None``: once per optimizer step (controllers, EMAs).
+- ``after_step(metrics: dict) -> None``: once per training step, after its optimizer steps (controllers, EMAs);
+  ``metrics`` holds the step's update metrics and ``lr``.
+- ``last_metrics``: a dict of floats merged into the step's metrics (advantages cannot return metrics).
+- ``logits_processor() -> LogitsProcessor | None``: applied during sampling (not greedy eval), before the
+  behaviour log-probs are recorded (HAPO's adaptive temperature).
+- ``needs_whole_groups = True``: micro- and mini-batches are cut at group boundaries.
+- The sampler's ``update({"index": [...], "pass_rate": [...], "step": n})`` is called after each generation round.
+- ``ctx.extras["reward"]`` is the run's reward combiner ``(prompts, completions, rows) -> (total, components)``.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ from policylab.tasks import Task
 from policylab.train import checkpoint
 from policylab.train.components import Components, build_components, hook, needs_reference
 from policylab.train.context import TrainContext
-from policylab.train.forward import policy_forward
+from policylab.train.forward import policy_forward, trim
 from policylab.train.logging import RunLogger, batch_metrics, peak_memory_mib
-from policylab.train.update import NonFiniteStep, micro_batches, update_on_batch
+from policylab.train.update import NonFiniteStep, micro_batch_order, update_on_batch
 
 
 class TrainingError(RuntimeError):
@@ -81,7 +81,7 @@ class Trainer:
         r = recipe.rollout
         self.sampling = SamplingSettings(r.group_size, r.temperature, r.top_p, r.top_k, r.max_new_tokens, r.generation_batch_size)
         self.ctx = TrainContext(self.model, self.tokenizer, self.ref_model, self.device, config=recipe,
-                                score=self.score, generate=self.generate_for)
+                                score=self.score, generate=self.generate_for, extras={"reward": self.parts.rewards})
         self.logger = RunLogger(self.run_dir, progress=recipe.train.progress, total_steps=recipe.train.steps)
         if resume:
             self._resume()
@@ -96,11 +96,10 @@ class Trainer:
         model = model or self.model
         size = self.recipe.train.micro_batch_size
         outs = []
-        order = torch.argsort(rollouts.prompt_mask.sum(-1) + rollouts.completion_mask.sum(-1), stable=True)
-        for i, micro in enumerate(micro_batches(rollouts, size)):
-            outs.append((order[i * size:(i + 1) * size], policy_forward(model, micro, temperature=self._temperature(),
-                                                                        chunk=self.recipe.train.logprob_chunk,
-                                                                        with_hidden=with_hidden, checkpoint_chunks=False)))
+        for rows in micro_batch_order(rollouts, size):
+            micro = trim(rollouts.select(rows))
+            outs.append((rows, policy_forward(model, micro, temperature=self._temperature(), chunk=self.recipe.train.logprob_chunk,
+                                              with_hidden=with_hidden, checkpoint_chunks=False)))
         width = rollouts.completion_ids.shape[1]
         logp = torch.zeros(rollouts.batch_size, width)
         entropy = torch.zeros(rollouts.batch_size, width)
@@ -138,9 +137,12 @@ class Trainer:
 
     def generate_round(self, n_prompts: int, group_offset: int, metrics: dict[str, float]) -> Rollouts:
         """Sample prompts, generate G completions each and score them (one generation round)."""
-        rows = [self.task.train[i] for i in self.parts.sampler.next_batch(n_prompts)]
+        indices = self.parts.sampler.next_batch(n_prompts)
+        rows = [self.task.train[i] for i in indices]
         t0 = time.perf_counter()
-        batch = self.parts.engine.generate(self.model, self.tokenizer, rows, self.sampling, group_offset=group_offset)
+        processors = [p for _, c in self.parts.with_hook("logits_processor") if (p := hook(c, "logits_processor")()) is not None]
+        batch = self.parts.engine.generate(self.model, self.tokenizer, rows, self.sampling, group_offset=group_offset,
+                                           logits_processors=processors)
         metrics["time/generate_s"] = metrics.get("time/generate_s", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         metrics.update(self.score_rewards(batch))
@@ -148,6 +150,9 @@ class Trainer:
         if torch.isnan(batch.rewards).all():
             raise TrainingError("every reward in the batch failed (reward functions raised or returned None); "
                                 "see the warnings above for the first errors")
+        accuracy = torch.nan_to_num(batch.reward_components["accuracy"], nan=0.0)
+        pass_rates = [float(accuracy[batch.group == group_offset + k].mean()) for k in range(len(indices))]
+        self.parts.sampler.update({"index": indices, "pass_rate": pass_rates, "step": self.step})
         return batch
 
     def collect(self) -> tuple[Rollouts, dict[str, float]]:
@@ -185,6 +190,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         t_step = time.perf_counter()
         cfg = self.recipe.train
+        self.ctx.step = self.step
         batch, metrics = self.collect()
         batch = self.prepare(batch)
         t0 = time.perf_counter()
@@ -202,14 +208,16 @@ class Trainer:
             self.logger.warn(f"step {self.step + 1}: {err}; step skipped ({self.bad_steps_in_row} in a row)")
         metrics["time/update_s"] = time.perf_counter() - t0
         metrics.update(update_metrics)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
         for _, component in self.parts.with_hook("after_step"):
             hook(component, "after_step")(metrics)
+        for key, component in self.parts.with_hook("last_metrics"):  # stateful components report what they saw
+            metrics.update({k: float(v) for k, v in (hook(component, "last_metrics") or {}).items()})
         self.step += 1
         metrics.update(batch_metrics(batch))
         step_s = time.perf_counter() - t_step
         metrics["time/step_s"] = step_s
         metrics["tokens_per_s"] = float(batch.completion_mask.sum()) / step_s
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["memory/peak_mib"] = peak_memory_mib(self.device)
         metrics["step"] = self.step
         self.logger.log_step(self.step, metrics, batch, cfg.log_samples)
@@ -316,7 +324,8 @@ def train(recipe: str | Recipe = "grpo", *, run_dir: str | Path | None = None, r
     ``train__steps=3``, nested dicts, or the shortcuts model=, task=, steps=, seed=. Returns the run directory."""
     flat = {SHORTCUTS.get(k, k): v for k, v in _as_overrides(overrides).items()}
     if "task.name" in flat and str(flat["task.name"]).endswith((".jsonl", ".parquet", ".json")):
-        flat["task"] = {"name": "file", "path": flat.pop("task.name")}
+        # a data file given as the task: the file task first, so task.* overrides (eval_fraction, ...) apply on top
+        flat = {"task": {"name": "file", "path": flat.pop("task.name")}, **flat}
     if resume:
         if run_dir is None:
             raise TrainingError("resume needs the run directory")

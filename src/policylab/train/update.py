@@ -31,28 +31,61 @@ class NonFiniteStep(RuntimeError):
     pass
 
 
-def micro_batches(batch: Rollouts, size: int) -> list[Rollouts]:
-    """Rows sorted by total length, cut into micro-batches of ``size``: similar lengths share a
-    micro-batch so little compute goes to padding. Any partition is exact (global normalisers)."""
-    total = batch.prompt_mask.sum(-1) + batch.completion_mask.sum(-1)
-    order = torch.argsort(total, stable=True)
-    return [trim(batch.select(order[i:i + size])) for i in range(0, batch.batch_size, size)]
+def micro_batch_order(batch: Rollouts, size: int, whole_groups: bool = False) -> list[torch.Tensor]:
+    """Row indices of each micro-batch. By default rows are sorted by total length and cut every
+    ``size`` rows, so similar lengths share a micro-batch and little compute goes to padding; any
+    partition is exact because normalisers are global. ``whole_groups`` (a component's
+    ``needs_whole_groups``) cuts only at group boundaries, packing whole groups up to ``size`` rows."""
+    if not whole_groups:
+        total = batch.prompt_mask.sum(-1) + batch.completion_mask.sum(-1)
+        order = torch.argsort(total, stable=True)
+        return [order[i:i + size] for i in range(0, batch.batch_size, size)]
+    parts, current = [], []
+    for g in torch.unique(batch.group):
+        rows = (batch.group == g).nonzero().flatten().tolist()
+        if current and len(current) + len(rows) > size:
+            parts.append(torch.tensor(current))
+            current = []
+        current += rows
+    if current:
+        parts.append(torch.tensor(current))
+    return parts
+
+
+def micro_batches(batch: Rollouts, size: int, whole_groups: bool = False) -> list[Rollouts]:
+    return [trim(batch.select(rows)) for rows in micro_batch_order(batch, size, whole_groups)]
+
+
+def mini_batch_split(batch: Rollouts, n: int, generator: torch.Generator, whole_groups: bool) -> list[Rollouts]:
+    """``n`` optimizer mini-batches of a shuffled batch (shuffled by group when groups must stay whole)."""
+    if n == 1:
+        return [batch]
+    if not whole_groups:
+        order = torch.randperm(batch.batch_size, generator=generator)
+        return [batch.select(rows) for rows in torch.tensor_split(order, n)]
+    groups = torch.unique(batch.group)
+    shuffled = groups[torch.randperm(groups.numel(), generator=generator)]
+    return [batch.select(torch.isin(batch.group, chunk)) for chunk in torch.tensor_split(shuffled, n)]
 
 
 def micro_batch_loss(model, micro: Rollouts, parts: UpdateComponents, norm: Normaliser, *, temperature: float,
                      chunk: int) -> tuple[torch.Tensor, dict[str, float]]:
+    device = next(model.parameters()).device
+    micro = micro.to(device)
     out = policy_forward(model, micro, temperature=temperature, chunk=chunk, with_hidden=parts.wants("needs_hidden"))
     if not parts.wants("needs_entropy_grad"):
         out.entropy = out.entropy.detach()
     loss_tok, metrics = parts.objective(out, micro)
-    for reg in parts.regularizers:
-        extra, reg_metrics = reg(out, micro)
-        loss_tok = loss_tok + extra
-        metrics.update(reg_metrics)
+    # token weights select which tokens the policy-gradient term learns from (EARL, VPPO, ...);
+    # regularizers keep acting on every trained token, so weights apply before they are added
     for weighting in parts.token_weights:
         weights, w_metrics = weighting(out, micro)
         loss_tok = loss_tok * weights
         metrics.update(w_metrics)
+    for reg in parts.regularizers:
+        extra, reg_metrics = reg(out, micro)
+        loss_tok = loss_tok + extra
+        metrics.update(reg_metrics)
     mask = micro.completion_mask
     loss = parts.aggregate(loss_tok, mask, norm)
     tokens = mask.sum().clamp(min=1)
@@ -71,18 +104,17 @@ def update_on_batch(model, optimizer, scheduler, batch: Rollouts, parts: UpdateC
     sums: dict[str, float] = defaultdict(float)
     weights: dict[str, float] = defaultdict(float)
     grad_norms, losses = [], []
+    whole_groups = parts.wants("needs_whole_groups")
     for _ in range(updates):
-        order = torch.randperm(batch.batch_size, generator=generator) if mini_batches > 1 else torch.arange(batch.batch_size)
-        for chunk_rows in torch.tensor_split(order, mini_batches):
-            mini = batch.select(chunk_rows)
+        for mini in mini_batch_split(batch, mini_batches, generator, whole_groups):
             norm = Normaliser.of(mini.completion_mask, max_len)
             optimizer.zero_grad(set_to_none=True)
             total_loss = 0.0
-            for micro in micro_batches(mini, micro_size):
+            for micro in micro_batches(mini, micro_size, whole_groups):
                 loss, metrics = micro_batch_loss(model, micro, parts, norm, temperature=temperature, chunk=chunk)
                 if not torch.isfinite(loss):
                     optimizer.zero_grad(set_to_none=True)
-                    raise NonFiniteStep(f"non-finite loss {float(loss)}")
+                    raise NonFiniteStep(f"non-finite loss {float(loss.detach())}")
                 loss.backward()
                 total_loss += float(loss.detach())
                 w = float(micro.completion_mask.sum())
