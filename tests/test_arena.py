@@ -325,3 +325,11 @@ def test_end_to_end_tiny_arena(tmp_path):
         steps, _ = read_metrics(arena_dir / "runs" / f"{label}-seed0" / "metrics.jsonl")
         assert [s["step"] for s in steps] == [1, 2]
     assert len(parse_report(arena_dir / "report.html").images) == 7
+
+
+def test_smoothing_keeps_length_and_means():
+    from policylab.eval.report import smooth, smoothing_window
+
+    assert smooth([0.0, 3.0, 0.0, 3.0], 3) == [1.5, 1.0, 2.0, 1.5]
+    assert smooth([1.0, 2.0], 1) == [1.0, 2.0]
+    assert smoothing_window(5) == 1 and smoothing_window(50) == 5 and smoothing_window(40) == 5

@@ -356,7 +356,9 @@ def test_difference_ci_paired_and_welch():
     se = math.sqrt(4 / 3 + 4 / 3)
     assert ci.half_width == pytest.approx(2.776445 * se, rel=1e-5)
     ci, how = S.difference_ci({0: 1.0}, {0: 0.5})
-    assert ci.mean == 0.5 and ci.half_width is None
+    assert how == "paired" and ci.mean == 0.5 and ci.half_width is None
+    ci, how = S.difference_ci({0: 1.0, 1: 2.0}, {1: 0.5})
+    assert how == "welch" and ci.mean == 1.0 and ci.half_width is None
 
 
 def test_bootstrap_ci_brackets_mean_and_is_seeded():

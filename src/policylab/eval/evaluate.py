@@ -260,6 +260,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def main_eval(argv: list[str]) -> int:
+    _quiet_transformers()
     from policylab import models
     from policylab.config import RecipeError, load_recipe, parse_override
     from policylab.registry import RegistryError, build
@@ -305,3 +306,13 @@ def main_eval(argv: list[str]) -> int:
     shown = {k: v for k, v in result.items() if k not in ("precision_coverage", "samples") and not k.endswith("_ci")}
     print(json.dumps(shown, indent=1, default=str))
     return 0
+
+
+def _quiet_transformers() -> None:
+    """Per-file progress bars of from_pretrained/save_pretrained would drown the command's own output."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass

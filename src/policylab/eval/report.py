@@ -34,8 +34,27 @@ def _pyplot():
     return plt
 
 
-def _mean_band(runs: list[RunRecord], key: str, axis: str):
-    """x, mean, low, high over the seeds of one recipe, aligned by step index (same budget per seed)."""
+def smooth(values: list[float], window: int) -> list[float]:
+    """Centred moving average; the window shrinks at both ends so every point keeps its own step."""
+    if window <= 1:
+        return list(values)
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - half) : i + half + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def smoothing_window(num_steps: int) -> int:
+    """Per-step RL metrics of small batches are noisy: average over ~1/10 of the run (odd, >= 1)."""
+    window = max(1, num_steps // 10)
+    return window if window % 2 else window + 1
+
+
+def _mean_band(runs: list[RunRecord], key: str, axis: str, window: int = 1):
+    """x, mean, low, high over the seeds of one recipe, aligned by step index (same budget per seed);
+    each seed's series is smoothed with ``window`` first, so the band shows seed spread, not step noise."""
     series = []
     for run in runs:
         times = run.wall_clock()
@@ -45,7 +64,8 @@ def _mean_band(runs: list[RunRecord], key: str, axis: str):
             if isinstance(value, (int, float)) and math.isfinite(value):
                 x = float(line.get("step", i + 1)) if axis == "step" else times[i]
                 points[i] = (x, float(value))
-        series.append(points)
+        smoothed = smooth([y for _, y in points.values()], window)
+        series.append({i: (x, y) for (i, (x, _)), y in zip(points.items(), smoothed)})
     indices = sorted(set().union(*[set(p) for p in series])) if series else []
     xs, mean, low, high = [], [], [], []
     for i in indices:
@@ -66,15 +86,19 @@ def make_plots(runs: list[RunRecord], labels: list[str], out_dir: Path) -> dict[
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     done = [r for r in runs if r.status == "done"]
     paths: dict[str, Path] = {}
+    window = smoothing_window(max((len(r.steps) for r in done), default=0))
     for stem, title, key, axis in CURVES:
         fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
         drawn = False
         for n, label in enumerate(labels):
             mine = [r for r in done if r.label == label]
-            xs, mean, low, high = _mean_band(mine, key, axis)
+            xs, mean, low, high = _mean_band(mine, key, axis, window)
             if not xs:
                 continue
             color = colors[n % len(colors)]
+            if window > 1:  # the unsmoothed mean, faint, so the smoothing hides nothing
+                raw_x, raw_mean, _, _ = _mean_band(mine, key, axis)
+                ax.plot(raw_x, raw_mean, color=color, linewidth=0.6, alpha=0.3)
             ax.plot(xs, mean, label=f"{label} (n={len(mine)})", color=color, linewidth=1.6)
             if len(mine) > 1:
                 ax.fill_between(xs, low, high, color=color, alpha=0.15, linewidth=0)
@@ -83,7 +107,8 @@ def make_plots(runs: list[RunRecord], labels: list[str], out_dir: Path) -> dict[
                 if ex:
                     ax.plot(ex, ey, "o", color=color, markersize=5)
             drawn = True
-        ax.set_title(title if drawn else title + " (no data)")
+        suffix = f", {window}-step moving average" if window > 1 and drawn else ""
+        ax.set_title(title + suffix if drawn else title + " (no data)", fontsize=11)
         ax.set_xlabel("step" if axis == "step" else "wall-clock seconds")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
@@ -226,7 +251,8 @@ last fifth of training steps; s/step = mean wall-clock seconds per step.</p>
 <p class="note">Mean difference with its 95% t-interval: paired over seeds when both recipes ran the same seeds
 (same seed = same data order), Welch otherwise. Bold: the interval excludes 0.</p>
 <h2>Curves</h2>
-<p class="note">Lines: mean over seeds; bands: min–max across seeds.</p>
+<p class="note">Lines: mean over seeds (smoothed when the title says so; the faint line is unsmoothed);
+bands: min–max across seeds.</p>
 {''.join(images)}
 <h2>Settings</h2><table id="settings">{settings}</table>
 <h2>Runs</h2>

@@ -85,13 +85,13 @@ def difference_ci(
 ) -> tuple[Interval | None, str]:
     """Mean difference ``treatment - baseline`` with its t-interval, and the method used.
 
-    Both map seed -> value. When the two share at least two seeds the difference is paired over the
-    shared seeds (same seed = same data order, so pairing removes the data-order variance);
-    otherwise a Welch interval over all values of each."""
+    Both map seed -> value. When the two share at least two seeds (or ran exactly the same single seed)
+    the difference is paired over the shared seeds (same seed = same data order and start weights, so
+    pairing removes that variance); otherwise a Welch interval over all values of each."""
     t = {s: float(v) for s, v in treatment.items() if v is not None and math.isfinite(float(v))}
     b = {s: float(v) for s, v in baseline.items() if v is not None and math.isfinite(float(v))}
     shared = sorted(set(t) & set(b))
-    if len(shared) >= 2:
+    if len(shared) >= 2 or (shared and set(t) == set(b)):
         return mean_ci([t[s] - b[s] for s in shared], confidence), "paired"
     if not t or not b:
         return None, "none"
