@@ -47,7 +47,7 @@ class ModelConfig(Strict):
 
 
 class RolloutConfig(Strict):
-    engine: str = "hf"
+    engine: str = "hf_pruned"  # "hf" = transformers generate; hf_pruned drops finished rows (same sampling)
     group_size: int = Field(8, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)

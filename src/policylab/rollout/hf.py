@@ -35,7 +35,10 @@ def format_prompt(tokenizer, row: dict) -> str:
 
 
 class BehaviourLogprobs(LogitsProcessor):
-    """Records log pi_behaviour(token) of each sampled token from the processed (sampling) scores.
+    """Records log pi_behaviour(token) of each sampled token from the tempered scores.
+
+    It runs after temperature (and component processors) but before generate's top-k/top-p warpers,
+    so it records what the training forward computes and the on-policy ratio is exactly 1.
 
     generate() calls processors before sampling, so the token chosen at step t is only visible at
     step t+1 (as the last input id); we keep one [B,V] log-softmax in flight and gather then.

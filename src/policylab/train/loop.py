@@ -86,6 +86,9 @@ class Trainer:
         if resume:
             self._resume()
         else:
+            if (self.run_dir / "metrics.jsonl").exists():
+                raise TrainingError(f"run directory {self.run_dir} already holds a run (metrics.jsonl); continue it with "
+                                    "--resume or choose another --run-dir (nothing was overwritten)")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 

@@ -1,0 +1,102 @@
+"""The ``hf_pruned`` rollout engine: our own sampling loop over a transformers model's KV cache that
+drops finished rows from the batch, so a step never pays for completions that already ended.
+
+transformers' ``generate`` keeps every row until the longest finishes; with RLVR's skewed length
+distributions most of a late decode step is padding. Same sampling semantics as the ``hf`` engine
+(temperature, top-k, top-p, EOS; behaviour log-probs of the tempered distribution before top-k/top-p
+truncation, as the hf engine records them and as the training forward computes them).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from policylab.registry import register
+from policylab.rollout.hf import HFEngine, SamplingSettings, eos_token_ids
+from policylab.rollouts import Rollouts
+
+
+def filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k and outside the smallest nucleus with mass >= top_p to -inf."""
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        remove_sorted = mass_before >= top_p  # keeps the first token always (mass before it is 0)
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        scores = scores.masked_fill(remove, float("-inf"))
+    return scores
+
+
+class PrunedDecodeEngine(HFEngine):
+    """Sampling with a KV cache, removing finished rows from the cache after every decode step."""
+
+    @torch.no_grad()
+    def _generate_chunk(self, model, tokenizer, prompts: list[str], s: SamplingSettings, extra_processors: list) -> Rollouts:
+        device = next(model.parameters()).device
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        batch, prompt_len = enc.input_ids.shape
+        eos = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
+        pad = tokenizer.pad_token_id
+        was_training = model.training
+        model.eval()
+        attention = enc.attention_mask
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = model(input_ids=enc.input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        tokens = torch.full((batch, s.max_new_tokens), pad, dtype=torch.long, device=device)
+        logps = torch.zeros(batch, s.max_new_tokens, device=device)
+        lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        finished_with_eos = torch.zeros(batch, dtype=torch.bool, device=device)
+        active = torch.arange(batch, device=device)  # original row of each cache row
+        sequences = enc.input_ids  # running ids of active rows, for processors that read the context
+        next_pos = positions[:, -1] + 1
+        for t in range(s.max_new_tokens):
+            scores = logits.float()
+            if s.temperature == 0:
+                chosen = scores.argmax(-1)
+                logp = torch.log_softmax(scores, -1).gather(-1, chosen[:, None]).squeeze(-1)
+            else:
+                for processor in extra_processors:
+                    scores = processor(sequences, scores)
+                scores = scores / s.temperature
+                filtered = filter_top_k_top_p(scores, s.top_k, s.top_p)
+                chosen = torch.multinomial(torch.softmax(filtered, -1), 1).squeeze(-1)
+                # log-prob under the tempered, untruncated distribution: what the training forward computes
+                # (and what the hf engine records), so the on-policy ratio is exactly 1
+                logp = torch.log_softmax(scores, -1).gather(-1, chosen[:, None]).squeeze(-1)
+            tokens[active, t] = chosen
+            logps[active, t] = logp
+            lengths[active] = t + 1
+            done = torch.isin(chosen, eos)
+            finished_with_eos[active[done]] = True
+            keep = (~done).nonzero().flatten()
+            if keep.numel() == 0 or t + 1 == s.max_new_tokens:
+                break
+            if keep.numel() < active.numel():
+                cache.batch_select_indices(keep)
+                active, attention, chosen, next_pos = active[keep], attention[keep], chosen[keep], next_pos[keep]
+                sequences = sequences[keep]
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            sequences = torch.cat([sequences, chosen[:, None]], dim=1)
+            logits = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=next_pos[:, None],
+                           past_key_values=cache, use_cache=True).logits[:, -1]
+            next_pos = next_pos + 1
+        model.train(was_training)
+        width = int(lengths.max()) if batch else 0
+        mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
+        completion_ids = torch.where(mask > 0, tokens[:, :width], torch.full_like(tokens[:, :width], pad))
+        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        return Rollouts(
+            prompt_ids=enc.input_ids.cpu(), prompt_mask=enc.attention_mask.cpu(), completion_ids=completion_ids.cpu(),
+            completion_mask=mask.cpu(), group=torch.zeros(batch, dtype=torch.long), truncated=(~finished_with_eos).cpu(),
+            prompts=prompts, completions=texts, behavior_logp=(logps[:, :width] * mask).cpu(),
+        )
+
+
+register("rollout_engine", "hf_pruned", spec="performance issue: generation that stops paying for finished rows")(PrunedDecodeEngine)
