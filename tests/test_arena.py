@@ -333,3 +333,20 @@ def test_smoothing_keeps_length_and_means():
     assert smooth([0.0, 3.0, 0.0, 3.0], 3) == [1.5, 1.0, 2.0, 1.5]
     assert smooth([1.0, 2.0], 1) == [1.0, 2.0]
     assert smoothing_window(5) == 1 and smoothing_window(50) == 5 and smoothing_window(40) == 5
+
+
+def test_start_model_row_and_final_heldout_points(tmp_path):
+    from policylab.eval.report import _eval_points
+    from policylab.eval.summary import read_run
+
+    arena_dir = build_synthetic_arena(tmp_path, name="start")
+    (arena_dir / "start_model").mkdir()
+    (arena_dir / "start_model" / "eval.json").write_text(json.dumps(
+        {"greedy_accuracy": 0.25, "pass@1": 0.2, "pass@2": 0.3, "pass@4": 0.5}))
+    spec = A.ArenaSpec(name="start", recipes=["grpo", "dapo"], seeds=[0, 1], steps=STEPS, model="tiny", eval_k=4)
+    A.write_report(arena_dir, spec)
+    rows = parse_report(arena_dir / "report.html").tables["results"]
+    assert rows[-1][:5] == ["start model", "–", "0.250", "0.200", "0.500"]
+    runs = [read_run("grpo", "grpo", seed, arena_dir / "runs" / f"grpo-seed{seed}") for seed in (0, 1)]
+    # the loop's eval line and the arena's evaluation sit at the last step: the arena's greedy numbers win
+    assert _eval_points(runs) == ([float(STEPS)], [pytest.approx(0.6)])

@@ -290,7 +290,9 @@ def write_report(arena_dir: Path, spec: ArenaSpec) -> Path:
         summary["start_model"] = json.loads(start_eval.read_text())
     summary["arena"] = asdict(spec)
     (arena_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    plots = make_plots(runs, labels, arena_dir / "plots")
+    start = summary.get("start_model") or {}
+    start_curve = {int(k[5:]): v for k, v in start.items() if k.startswith("pass@") and k[5:].isdigit()}
+    plots = make_plots(runs, labels, arena_dir / "plots", start_curve)
     descriptions = {}
     for label, recipe in pairs:
         try:

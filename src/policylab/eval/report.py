@@ -78,9 +78,11 @@ def _mean_band(runs: list[RunRecord], key: str, axis: str, window: int = 1):
     return xs, mean, low, high
 
 
-def make_plots(runs: list[RunRecord], labels: list[str], out_dir: Path) -> dict[str, Path]:
+def make_plots(runs: list[RunRecord], labels: list[str], out_dir: Path,
+               start_curve: dict[int, float] | None = None) -> dict[str, Path]:
     """Write every plot as PNG into ``out_dir``; returns {stem: path}. Curves with no data anywhere
-    are still drawn (empty, titled 'no data') so the report always has the same sections."""
+    are still drawn (empty, titled 'no data') so the report always has the same sections.
+    ``start_curve`` ({k: pass@k} of the shared start model) is drawn dashed on the pass@k plot."""
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -118,24 +120,32 @@ def make_plots(runs: list[RunRecord], labels: list[str], out_dir: Path) -> dict[
         paths[stem] = out_dir / f"{stem}.png"
         fig.savefig(paths[stem])
         plt.close(fig)
-    paths["pass_at_k"] = _pass_at_k_plot(plt, done, labels, colors, out_dir / "pass_at_k.png")
+    paths["pass_at_k"] = _pass_at_k_plot(plt, done, labels, colors, out_dir / "pass_at_k.png", start_curve)
     return paths
 
 
 def _eval_points(runs: list[RunRecord]) -> tuple[list[float], list[float]]:
-    """Held-out accuracy per evaluated step, averaged over the seeds that evaluated at that step."""
+    """Held-out greedy accuracy per evaluated step, averaged over the seeds that evaluated at that step:
+    the loop's eval lines, and the arena's final evaluation at the last step."""
     by_step: dict[float, list[float]] = {}
     for run in runs:
-        for ev in run.evals:
-            if isinstance(ev.get("accuracy"), (int, float)) and ev.get("step") is not None:
-                by_step.setdefault(float(ev["step"]), []).append(float(ev["accuracy"]))
+        points = [(ev.get("step"), ev.get("accuracy")) for ev in run.evals]
+        if run.arena_eval and run.steps:
+            points = [p for p in points if p[0] != run.steps[-1].get("step")]
+            points.append((run.steps[-1].get("step", len(run.steps)), run.arena_eval.get("greedy_accuracy")))
+        for step, accuracy in points:
+            if isinstance(accuracy, (int, float)) and step is not None:
+                by_step.setdefault(float(step), []).append(float(accuracy))
     steps = sorted(by_step)
     return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps]
 
 
-def _pass_at_k_plot(plt, runs, labels, colors, path: Path) -> Path:
+def _pass_at_k_plot(plt, runs, labels, colors, path: Path, start_curve: dict[int, float] | None) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
     drawn = False
+    if start_curve:
+        ks = sorted(start_curve)
+        ax.plot(ks, [start_curve[k] for k in ks], "--", color="gray", label="start model")
     for n, label in enumerate(labels):
         curves = [r.pass_curve() for r in runs if r.label == label]
         ks = sorted({k for c in curves for k in c})
@@ -151,7 +161,7 @@ def _pass_at_k_plot(plt, runs, labels, colors, path: Path) -> Path:
         drawn = True
     if drawn:
         ax.set_xscale("log", base=2)
-        ks_all = sorted({k for r in runs for k in r.pass_curve()})
+        ks_all = sorted({k for r in runs for k in r.pass_curve()} | set(start_curve or {}))
         ax.set_xticks(ks_all, [str(k) for k in ks_all])
         ax.legend(fontsize=8)
     ax.set_title("Held-out pass@k (final model)" + ("" if drawn else " (no data)"))
@@ -219,8 +229,8 @@ def write_html(path: Path, spec: dict[str, Any], summary: dict[str, Any], plots:
     images = []
     for stem, png in plots.items():
         data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
-        images.append(f"<figure><img id='plot-{esc(stem)}' alt='{esc(stem)}' src='data:image/png;base64,{data}'>"
-                      f"<figcaption>{esc(stem.replace('_', ' '))}</figcaption></figure>")
+        images.append(f"<figure><img id='plot-{esc(stem)}' alt='{esc(stem.replace('_', ' '))}' "
+                      f"src='data:image/png;base64,{data}'></figure>")
     run_rows = []
     for run in summary["runs"]:
         error = f"<pre>{esc(run['error'][-600:])}</pre>" if run.get("error") else ""
@@ -245,7 +255,9 @@ figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 640px; bord
 <table id="results"><thead><tr><th>recipe</th><th>seeds</th>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>
 <p class="note">Mean ± half-width of the 95% Student-t interval over seeds (no interval with one seed).
 Held-out numbers come from the final model; pass@k uses the unbiased estimator. "last 20%" = mean over the
-last fifth of training steps; s/step = mean wall-clock seconds per step.</p>
+last fifth of training steps; train reward is over the batch each update used (after any group filter:
+DAPO's dynamic sampling keeps only groups with differing rewards, so its train reward reads higher);
+s/step = mean wall-clock seconds per step.</p>
 <h2>Difference to {esc(summary['baseline'] or '')}</h2>
 <table id="differences"><thead><tr><th>recipe</th><th>CI</th>{header}</tr></thead><tbody>{''.join(diff_rows)}</tbody></table>
 <p class="note">Mean difference with its 95% t-interval: paired over seeds when both recipes ran the same seeds
