@@ -39,6 +39,9 @@ def parse_args():
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="A B pairs to run (A B A B = 2)")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="policylab update micro-batch (rows); the gradient is identical for any value (global "
+                        "normalisers, tested as T-MICRO), only memory and speed change. TRL runs its default (one micro-batch)")
     p.add_argument("--gradient-checkpointing", type=int, default=0, choices=[0, 1])
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -61,11 +64,11 @@ def make_dataset(path: Path, n: int, seed: int) -> None:
 def run_policylab(args, model: str, data: Path, workdir: Path, prompts: int, generations: int, max_tokens: int,
                   steps: int) -> dict:
     run_dir = workdir / f"policylab-{prompts}x{generations}x{max_tokens}-{len(list(workdir.iterdir()))}"
-    batch = prompts * generations
+    micro = min(args.micro_batch, prompts * generations) if args.micro_batch else prompts * generations
     cmd = [sys.executable, "-m", "policylab.cli", "train", str(HERE / "trl_workload.yaml"), "--model", model,
            "--task", str(data), "--steps", str(steps), "--seed", str(args.seed), "--run-dir", str(run_dir),
            f"train.prompts_per_step={prompts}", f"rollout.group_size={generations}",
-           f"rollout.max_new_tokens={max_tokens}", f"train.micro_batch_size={batch}",
+           f"rollout.max_new_tokens={max_tokens}", f"train.micro_batch_size={micro}",
            f"model.gradient_checkpointing={'true' if args.gradient_checkpointing else 'false'}",
            "task.eval_fraction=0.0"]
     subprocess.run(cmd, check=True, env=child_env(args))

@@ -186,6 +186,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, str):  # YAML 1.1 reads "1e-3" (no dot) as a string; users mean the number
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
     return key.strip(), parsed
 
 
