@@ -140,3 +140,22 @@ def test_cli_unknown_key_is_a_clear_error():
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "unknown key 'train.stepz'" in out.stderr and "did you mean 'steps'" in out.stderr
+
+
+def test_prefix_sharing_gives_the_same_logprobs_and_gradients(tiny_arith_model):
+    torch.manual_seed(0)
+    model, tok = models.load(tiny_arith_model)
+    rows = [{"prompt": "1 + 2="}, {"prompt": "13 + 14 + 15="}]
+    batch = trim(HFEngine().generate(model, tok, rows, SamplingSettings(group_size=3, max_new_tokens=6)))
+    mask = batch.completion_mask
+
+    def run(share):
+        model.zero_grad()
+        out = policy_forward(model, batch, share_prompts=share)
+        (out.logp * mask).sum().backward()
+        return out.logp.detach() * mask, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    logp_plain, grad_plain = run(False)
+    logp_shared, grad_shared = run(True)
+    assert torch.allclose(logp_plain, logp_shared, atol=1e-5)
+    assert (grad_plain - grad_shared).norm() / grad_plain.norm() < 1e-4

@@ -62,18 +62,59 @@ def trim(batch: Rollouts) -> Rollouts:
     return batch.with_(**changes)
 
 
+def shared_prompt_hidden(base, batch: Rollouts, device) -> torch.Tensor | None:
+    """Completion-predicting hidden states [B,T,H], running each distinct prompt once (prefix sharing).
+
+    The G completions of a prompt share its prefix: its keys/values are computed once, indexed out to
+    every row (a differentiable gather, so gradients from all G completions flow back into one prompt
+    pass) and the completions run on top of that cache. Returns None when no prompt repeats.
+    """
+    _, first, inverse = _unique_rows(batch.group)
+    if first.numel() == batch.batch_size:
+        return None
+    from transformers import DynamicCache
+
+    prompt_ids, prompt_mask = batch.prompt_ids[first].to(device), batch.prompt_mask[first].to(device).long()
+    cache = DynamicCache()
+    prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    prompt_hidden = base(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, past_key_values=cache,
+                         use_cache=True).last_hidden_state
+    cache.batch_select_indices(inverse.to(device))
+    completion_ids = batch.completion_ids.to(device)
+    attention = torch.cat([batch.prompt_mask.to(device).long(), batch.completion_mask.to(device).long()], dim=1)
+    start = batch.prompt_mask.to(device).long().sum(-1, keepdim=True)
+    positions = start + torch.arange(completion_ids.shape[1], device=device)[None, :]
+    completion_hidden = base(input_ids=completion_ids, attention_mask=attention, position_ids=positions,
+                             past_key_values=cache, use_cache=True).last_hidden_state
+    # token t is predicted by the state before it: the prompt's last state for t=0, completion state t-1 after
+    return torch.cat([prompt_hidden[inverse.to(device), -1:], completion_hidden[:, :-1]], dim=1)
+
+
+def _unique_rows(group: torch.Tensor):
+    values, inverse = torch.unique(group, return_inverse=True)
+    first = torch.full((values.numel(),), group.numel(), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(group.numel()), reduce="amin")
+    return values, first, inverse
+
+
 def policy_forward(model, batch: Rollouts, *, temperature: float = 1.0, chunk: int = 128, with_hidden: bool = False,
-                   checkpoint_chunks: bool = True) -> PolicyOutputs:
-    """Run the causal LM over prompt+completion and score the completion tokens."""
+                   checkpoint_chunks: bool = True, share_prompts: bool = False) -> PolicyOutputs:
+    """Run the causal LM over prompt+completion and score the completion tokens.
+
+    ``share_prompts``: run each distinct prompt (group) once and reuse its keys/values for all its rows
+    (same values and gradients up to float rounding; see shared_prompt_hidden).
+    """
     device = next(model.parameters()).device
-    prompt_len = batch.prompt_ids.shape[1]
-    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1).to(device)
-    attention = torch.cat([batch.prompt_mask.to(batch.completion_mask.dtype), batch.completion_mask], dim=1).to(device)
-    position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    hidden = base(input_ids=input_ids, attention_mask=attention.long(), position_ids=position_ids, use_cache=False).last_hidden_state
-    # the hidden state at position p predicts token p+1: completion token t is predicted at prompt_len-1+t
-    completion_hidden = hidden[:, prompt_len - 1: prompt_len - 1 + batch.completion_ids.shape[1]]
+    completion_hidden = shared_prompt_hidden(base, batch, device) if share_prompts else None
+    if completion_hidden is None:
+        prompt_len = batch.prompt_ids.shape[1]
+        input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1).to(device)
+        attention = torch.cat([batch.prompt_mask.to(batch.completion_mask.dtype), batch.completion_mask], dim=1).to(device)
+        position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = base(input_ids=input_ids, attention_mask=attention.long(), position_ids=position_ids, use_cache=False).last_hidden_state
+        # the hidden state at position p predicts token p+1: completion token t is predicted at prompt_len-1+t
+        completion_hidden = hidden[:, prompt_len - 1: prompt_len - 1 + batch.completion_ids.shape[1]]
     logp, entropy = completion_logp(completion_hidden, model.get_output_embeddings(), batch.completion_ids.to(device),
                                     temperature=temperature, chunk=chunk, checkpoint_chunks=checkpoint_chunks)
     return PolicyOutputs(logp=logp, entropy=entropy, hidden=completion_hidden if with_hidden else None)

@@ -203,7 +203,7 @@ class Trainer:
                 self.model, self.optimizer, self.scheduler, batch, parts, mini_batches=cfg.mini_batches,
                 updates=cfg.updates_per_batch, micro_size=cfg.micro_batch_size, max_len=self.sampling.max_new_tokens,
                 grad_clip=cfg.grad_clip, temperature=self._temperature(), chunk=cfg.logprob_chunk,
-                generator=self.update_generator)
+                generator=self.update_generator, share_prompts=cfg.share_prompts and not self.recipe.model.gradient_checkpointing)
             self.bad_steps_in_row = 0
         except NonFiniteStep as err:
             self.bad_steps_in_row += 1

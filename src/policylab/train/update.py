@@ -69,10 +69,11 @@ def mini_batch_split(batch: Rollouts, n: int, generator: torch.Generator, whole_
 
 
 def micro_batch_loss(model, micro: Rollouts, parts: UpdateComponents, norm: Normaliser, *, temperature: float,
-                     chunk: int) -> tuple[torch.Tensor, dict[str, float]]:
+                     chunk: int, share_prompts: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     device = next(model.parameters()).device
     micro = micro.to(device)
-    out = policy_forward(model, micro, temperature=temperature, chunk=chunk, with_hidden=parts.wants("needs_hidden"))
+    out = policy_forward(model, micro, temperature=temperature, chunk=chunk, with_hidden=parts.wants("needs_hidden"),
+                         share_prompts=share_prompts)
     if not parts.wants("needs_entropy_grad"):
         out.entropy = out.entropy.detach()
     loss_tok, metrics = parts.objective(out, micro)
@@ -96,7 +97,7 @@ def micro_batch_loss(model, micro: Rollouts, parts: UpdateComponents, norm: Norm
 
 def update_on_batch(model, optimizer, scheduler, batch: Rollouts, parts: UpdateComponents, *, mini_batches: int,
                     updates: int, micro_size: int, max_len: int, grad_clip: float, temperature: float, chunk: int,
-                    generator: torch.Generator) -> dict[str, float]:
+                    generator: torch.Generator, share_prompts: bool = False) -> dict[str, float]:
     """mu passes over the batch, each split into ``mini_batches`` optimizer steps. Returns averaged metrics.
 
     Raises NonFiniteStep (after zeroing gradients, without stepping) when a loss or gradient is not finite.
@@ -105,13 +106,16 @@ def update_on_batch(model, optimizer, scheduler, batch: Rollouts, parts: UpdateC
     weights: dict[str, float] = defaultdict(float)
     grad_norms, losses = [], []
     whole_groups = parts.wants("needs_whole_groups")
+    # prefix sharing pays only when a micro-batch holds several rows of one prompt: cut at group boundaries
+    micro_whole_groups = whole_groups or share_prompts
     for _ in range(updates):
         for mini in mini_batch_split(batch, mini_batches, generator, whole_groups):
             norm = Normaliser.of(mini.completion_mask, max_len)
             optimizer.zero_grad(set_to_none=True)
             total_loss = 0.0
-            for micro in micro_batches(mini, micro_size, whole_groups):
-                loss, metrics = micro_batch_loss(model, micro, parts, norm, temperature=temperature, chunk=chunk)
+            for micro in micro_batches(mini, micro_size, micro_whole_groups):
+                loss, metrics = micro_batch_loss(model, micro, parts, norm, temperature=temperature, chunk=chunk,
+                                                 share_prompts=share_prompts)
                 if not torch.isfinite(loss):
                     optimizer.zero_grad(set_to_none=True)
                     raise NonFiniteStep(f"non-finite loss {float(loss.detach())}")
