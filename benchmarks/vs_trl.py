@@ -78,7 +78,7 @@ def run_policylab(args, model: str, data: Path, workdir: Path, prompts: int, gen
     med = lambda k: statistics.median(r[k] for r in steady)  # noqa: E731
     return {
         "s_per_step": med("time/step_s"), "generate_s": med("time/generate_s"), "update_s": med("time/update_s"),
-        "tokens_per_s": sum(r["batch/tokens"] for r in steady) / sum(r["time/step_s"] for r in steady),
+        "tokens_per_s": statistics.median(r["batch/tokens"] / r["time/step_s"] for r in steady),
         "peak_rss_mib": max(r["memory/peak_mib"] for r in steps_rows), "accuracy": [r["accuracy"] for r in steps_rows],
         "completion_length": [r["completion_length/mean"] for r in steps_rows],
     }
@@ -96,7 +96,7 @@ def run_trl(args, model: str, workdir: Path) -> dict:
     steady = data["steps"][1:]
     return {"s_per_step": s["median_s_per_step_excl_first"], "generate_s": s["median_generate_s"],
             "update_s": statistics.median(r["wall_s"] - r["generate_s"] for r in steady),
-            "tokens_per_s": s["completion_tokens_per_s_steady"], "peak_rss_mib": s["peak_rss_mib"],
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady), "peak_rss_mib": s["peak_rss_mib"],
             "accuracy": [], "completion_length": [r["trl_mean_len"] for r in data["steps"]]}
 
 
