@@ -267,3 +267,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_a_recipe_needs_a_reward(tmp_path):
     assert "at least one reward" in error_of(str(write(tmp_path, "none.yaml", "rewards: []\n")))
+
+
+def test_recipe_name_is_not_shadowed_by_a_folder_of_the_same_name(tmp_path, monkeypatch):
+    from policylab.config import load_recipe
+
+    (tmp_path / "grpo").mkdir()  # e.g. a run directory named after the recipe
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("grpo").algorithm.advantage.name == "grpo"

@@ -126,8 +126,9 @@ def available_recipes() -> dict[str, Path]:
 
 def _recipe_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.exists():
+    # a recipe name wins over a same-named folder in the working directory (e.g. a run dir called "grpo")
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
             raise RecipeError(f"recipe file {p} does not exist")
         return p
     known = available_recipes()
