@@ -278,7 +278,7 @@ def _args(**kw):
 def test_preset_and_flags():
     preset = A.load_preset("tiny-baselines")
     assert preset["recipes"] == ["grpo", "dr_grpo", "dapo", "gspo"] and preset["seeds"] == [0, 1, 2]
-    assert preset["model"] == "tiny"
+    assert preset["model"] == "tiny-arith"
     spec = A.spec_from_args(_args(preset="tiny-baselines", steps=2, seeds=1, set=["rollout.group_size=2"]))
     assert spec.steps == 2 and spec.seeds == [0] and spec.overrides["rollout.group_size"] == 2
     assert spec.name == "tiny-baselines" and spec.recipes == preset["recipes"]
@@ -295,7 +295,7 @@ def test_preset_recipes_and_overrides_validate():
     spec = A.ArenaSpec(**preset)
     for recipe in spec.recipes:
         loaded = load_recipe(recipe, A.run_overrides(spec, 0, spec.model))
-        assert loaded.train.steps == spec.steps and loaded.model.name == "tiny"
+        assert loaded.train.steps == spec.steps and loaded.model.name == "tiny-arith"
 
 
 def test_main_arena_cli_errors(capsys):
