@@ -151,7 +151,7 @@ def test_prefix_sharing_gives_the_same_logprobs_and_gradients(tiny_arith_model):
 
     def run(share):
         model.zero_grad()
-        out = policy_forward(model, batch, share_prompts=share)
+        out = policy_forward(model, batch, share_prompts=share, packed=False)  # the KV-cache sharing path
         (out.logp * mask).sum().backward()
         return out.logp.detach() * mask, torch.cat([p.grad.flatten() for p in model.parameters()])
 

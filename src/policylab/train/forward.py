@@ -7,6 +7,8 @@ Position ids follow the left padding exactly as generate() built them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -97,15 +99,84 @@ def _unique_rows(group: torch.Tensor):
     return values, first, inverse
 
 
+# --- padding-free ("packed") forward -------------------------------------------------------------
+
+@dataclass
+class PackedLayout:
+    """One micro-batch as a single padding-free sequence: each prompt once, then its rows' completions.
+
+    ``input_ids``/``position_ids`` [1,N]; ``segment`` [N] (one id per prompt and per completion) and
+    ``visible_prompt`` [N] (the prompt segment a token may also attend to) define the attention: causal
+    inside a segment, plus the whole prompt for completion tokens. ``predictor`` [M] indexes the packed
+    state that predicts completion token (``rows``[M], ``cols``[M]).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment: torch.Tensor
+    visible_prompt: torch.Tensor
+    predictor: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+    def attention_mask(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """Additive [1,1,N,N] mask (0 = attend, dtype min = blocked), valid for eager and sdpa attention."""
+        seg, see = self.segment.to(device), self.visible_prompt.to(device)
+        index = torch.arange(seg.numel(), device=device)
+        # a prompt always precedes its completions, so "causal" plus "same segment or my prompt" is exact
+        allowed = (index[None, :] <= index[:, None]) & ((seg[None, :] == seg[:, None]) | (seg[None, :] == see[:, None]))
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[None, None]
+
+
+def completion_lengths(batch: Rollouts) -> torch.Tensor:
+    """Tokens each row's forward must cover: up to its last trained token (0 for a fully masked row)."""
+    mask = batch.completion_mask > 0
+    positions = torch.arange(1, mask.shape[1] + 1)
+    return (mask.long() * positions).amax(-1) if mask.shape[1] else torch.zeros(mask.shape[0], dtype=torch.long)
+
+
+def pack(batch: Rollouts, share_prompts: bool) -> PackedLayout:
+    """Lay a micro-batch out as one sequence; rows with nothing to train are left out entirely."""
+    lengths = completion_lengths(batch).tolist()
+    owners = _unique_rows(batch.group)[1][_unique_rows(batch.group)[2]] if share_prompts else torch.arange(batch.batch_size)
+    ids, pos, seg, see, predictor, rows, cols = [], [], [], [], [], [], []
+    cursor, segment = 0, 0
+    for owner in torch.unique(owners).tolist():
+        members = [r for r in (owners == owner).nonzero().flatten().tolist() if lengths[r] > 0]
+        if not members:
+            continue
+        prompt = batch.prompt_ids[owner][batch.prompt_mask[owner] > 0]
+        p = prompt.numel()
+        ids.append(prompt), pos.append(torch.arange(p)), seg.append(torch.full((p,), segment)), see.append(torch.full((p,), segment))
+        prompt_segment, prompt_last = segment, cursor + p - 1
+        cursor, segment = cursor + p, segment + 1
+        for r in members:
+            n = lengths[r] - 1  # the last token is only predicted, never fed
+            ids.append(batch.completion_ids[r, :n]), pos.append(p + torch.arange(n))
+            seg.append(torch.full((n,), segment)), see.append(torch.full((n,), prompt_segment))
+            predictor.append(torch.cat([torch.tensor([prompt_last]), cursor + torch.arange(n)]))
+            rows.append(torch.full((n + 1,), r)), cols.append(torch.arange(n + 1))
+            cursor, segment = cursor + n, segment + 1
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
+    return PackedLayout(input_ids=cat(ids)[None].long(), position_ids=cat(pos)[None], segment=cat(seg), visible_prompt=cat(see),
+                        predictor=cat(predictor), rows=cat(rows), cols=cat(cols))
+
+
 def policy_forward(model, batch: Rollouts, *, temperature: float = 1.0, chunk: int = 128, with_hidden: bool = False,
-                   checkpoint_chunks: bool = True, share_prompts: bool = False) -> PolicyOutputs:
+                   checkpoint_chunks: bool = True, share_prompts: bool = False, packed: bool = True) -> PolicyOutputs:
     """Run the causal LM over prompt+completion and score the completion tokens.
 
-    ``share_prompts``: run each distinct prompt (group) once and reuse its keys/values for all its rows
-    (same values and gradients up to float rounding; see shared_prompt_hidden).
+    ``packed`` (default): the micro-batch runs as one padding-free sequence (see ``pack``), so no
+    compute goes to padding. ``share_prompts``: each distinct prompt (group) runs once and all its rows
+    attend to it. Both give the padded forward's values and gradients up to float rounding (tested).
     """
     device = next(model.parameters()).device
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    lm_head = model.get_output_embeddings()
+    if packed and bool((batch.completion_mask > 0).any()):
+        return _packed_forward(base, lm_head, batch, device, temperature=temperature, chunk=chunk, with_hidden=with_hidden,
+                               checkpoint_chunks=checkpoint_chunks, share_prompts=share_prompts)
     completion_hidden = shared_prompt_hidden(base, batch, device) if share_prompts else None
     if completion_hidden is None:
         prompt_len = batch.prompt_ids.shape[1]
@@ -115,6 +186,26 @@ def policy_forward(model, batch: Rollouts, *, temperature: float = 1.0, chunk: i
         hidden = base(input_ids=input_ids, attention_mask=attention.long(), position_ids=position_ids, use_cache=False).last_hidden_state
         # the hidden state at position p predicts token p+1: completion token t is predicted at prompt_len-1+t
         completion_hidden = hidden[:, prompt_len - 1: prompt_len - 1 + batch.completion_ids.shape[1]]
-    logp, entropy = completion_logp(completion_hidden, model.get_output_embeddings(), batch.completion_ids.to(device),
+    logp, entropy = completion_logp(completion_hidden, lm_head, batch.completion_ids.to(device),
                                     temperature=temperature, chunk=chunk, checkpoint_chunks=checkpoint_chunks)
     return PolicyOutputs(logp=logp, entropy=entropy, hidden=completion_hidden if with_hidden else None)
+
+
+def _packed_forward(base, lm_head, batch: Rollouts, device, *, temperature: float, chunk: int, with_hidden: bool,
+                    checkpoint_chunks: bool, share_prompts: bool) -> PolicyOutputs:
+    layout = pack(batch, share_prompts)
+    dtype = lm_head.weight.dtype
+    hidden = base(input_ids=layout.input_ids.to(device), position_ids=layout.position_ids.to(device),
+                  attention_mask=layout.attention_mask(dtype, device), use_cache=False).last_hidden_state[0]
+    predicting = hidden[layout.predictor.to(device)]  # [M,H], one state per trained completion token
+    rows, cols = layout.rows.to(device), layout.cols.to(device)
+    targets = batch.completion_ids.to(device)[rows, cols]
+    logp_flat, entropy_flat = completion_logp(predicting[None], lm_head, targets[None], temperature=temperature,
+                                              chunk=chunk, checkpoint_chunks=checkpoint_chunks)
+    shape = batch.completion_ids.shape
+    logp = torch.zeros(shape, dtype=logp_flat.dtype, device=device).index_put((rows, cols), logp_flat[0])
+    entropy = torch.zeros(shape, dtype=entropy_flat.dtype, device=device).index_put((rows, cols), entropy_flat[0])
+    full_hidden = None
+    if with_hidden:
+        full_hidden = torch.zeros(*shape, hidden.shape[-1], dtype=hidden.dtype, device=device).index_put((rows, cols), predicting)
+    return PolicyOutputs(logp=logp, entropy=entropy, hidden=full_hidden)

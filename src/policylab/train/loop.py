@@ -99,10 +99,12 @@ class Trainer:
         model = model or self.model
         size = self.recipe.train.micro_batch_size
         outs = []
-        for rows in micro_batch_order(rollouts, size):
+        share = self._share_prompts()
+        for rows in micro_batch_order(rollouts, size, whole_groups=share):
             micro = trim(rollouts.select(rows))
             outs.append((rows, policy_forward(model, micro, temperature=self._temperature(), chunk=self.recipe.train.logprob_chunk,
-                                              with_hidden=with_hidden, checkpoint_chunks=False)))
+                                              with_hidden=with_hidden, checkpoint_chunks=False, share_prompts=share,
+                                              packed=self.recipe.train.packed)))
         width = rollouts.completion_ids.shape[1]
         logp = torch.zeros(rollouts.batch_size, width)
         entropy = torch.zeros(rollouts.batch_size, width)
@@ -121,6 +123,11 @@ class Trainer:
     def generate_for(self, rows: list[dict], **overrides) -> Rollouts:
         settings = SamplingSettings(**{**self.sampling.__dict__, **overrides})
         return self.parts.engine.generate(self.model, self.tokenizer, rows, settings)
+
+    def _share_prompts(self) -> bool:
+        cfg = self.recipe.train
+        # the padded path shares prompts through a KV cache, which gradient checkpointing does not allow
+        return cfg.share_prompts and (cfg.packed or not self.recipe.model.gradient_checkpointing)
 
     def _temperature(self) -> float:
         t = self.recipe.rollout.temperature
@@ -203,7 +210,7 @@ class Trainer:
                 self.model, self.optimizer, self.scheduler, batch, parts, mini_batches=cfg.mini_batches,
                 updates=cfg.updates_per_batch, micro_size=cfg.micro_batch_size, max_len=self.sampling.max_new_tokens,
                 grad_clip=cfg.grad_clip, temperature=self._temperature(), chunk=cfg.logprob_chunk,
-                generator=self.update_generator, share_prompts=cfg.share_prompts and not self.recipe.model.gradient_checkpointing)
+                generator=self.update_generator, share_prompts=self._share_prompts(), packed=cfg.packed)
             self.bad_steps_in_row = 0
         except NonFiniteStep as err:
             self.bad_steps_in_row += 1

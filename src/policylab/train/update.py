@@ -69,11 +69,11 @@ def mini_batch_split(batch: Rollouts, n: int, generator: torch.Generator, whole_
 
 
 def micro_batch_loss(model, micro: Rollouts, parts: UpdateComponents, norm: Normaliser, *, temperature: float,
-                     chunk: int, share_prompts: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+                     chunk: int, share_prompts: bool = False, packed: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     device = next(model.parameters()).device
     micro = micro.to(device)
     out = policy_forward(model, micro, temperature=temperature, chunk=chunk, with_hidden=parts.wants("needs_hidden"),
-                         share_prompts=share_prompts)
+                         share_prompts=share_prompts, packed=packed)
     if not parts.wants("needs_entropy_grad"):
         out.entropy = out.entropy.detach()
     loss_tok, metrics = parts.objective(out, micro)
@@ -97,7 +97,7 @@ def micro_batch_loss(model, micro: Rollouts, parts: UpdateComponents, norm: Norm
 
 def update_on_batch(model, optimizer, scheduler, batch: Rollouts, parts: UpdateComponents, *, mini_batches: int,
                     updates: int, micro_size: int, max_len: int, grad_clip: float, temperature: float, chunk: int,
-                    generator: torch.Generator, share_prompts: bool = False) -> dict[str, float]:
+                    generator: torch.Generator, share_prompts: bool = False, packed: bool = True) -> dict[str, float]:
     """mu passes over the batch, each split into ``mini_batches`` optimizer steps. Returns averaged metrics.
 
     Raises NonFiniteStep (after zeroing gradients, without stepping) when a loss or gradient is not finite.
@@ -115,7 +115,7 @@ def update_on_batch(model, optimizer, scheduler, batch: Rollouts, parts: UpdateC
             total_loss = 0.0
             for micro in micro_batches(mini, micro_size, micro_whole_groups):
                 loss, metrics = micro_batch_loss(model, micro, parts, norm, temperature=temperature, chunk=chunk,
-                                                 share_prompts=share_prompts)
+                                                 share_prompts=share_prompts, packed=packed)
                 if not torch.isfinite(loss):
                     optimizer.zero_grad(set_to_none=True)
                     raise NonFiniteStep(f"non-finite loss {float(loss.detach())}")
