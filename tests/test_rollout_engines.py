@@ -57,3 +57,17 @@ def test_pruned_engine_matches_transformers_generate(warm_model):
     assert a.completions == b.completions
     assert torch.equal(a.truncated, b.truncated)
     assert torch.equal(a.completion_mask, b.completion_mask[:, : a.completion_mask.shape[1]])
+
+
+def test_pruned_engine_prefills_each_distinct_prompt_once(warm_model):
+    model, tok = warm_model
+    calls = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        rows = [{"prompt": "1 + 2="}, {"prompt": "13 + 14 + 15="}, {"prompt": "7 + 8="}]
+        out = PrunedDecodeEngine().generate(model, tok, rows, SamplingSettings(group_size=4, max_new_tokens=3))
+    finally:
+        hook.remove()
+    assert calls[0][0] == 3 and all(shape[1] == 1 for shape in calls[1:])  # one prefill row per prompt, then decode
+    assert out.batch_size == 12 and torch.equal(out.prompt_ids[0], out.prompt_ids[3])
+    assert not torch.equal(out.prompt_ids[0], out.prompt_ids[4])

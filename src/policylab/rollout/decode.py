@@ -2,9 +2,11 @@
 drops finished rows from the batch, so a step never pays for completions that already ended.
 
 transformers' ``generate`` keeps every row until the longest finishes; with RLVR's skewed length
-distributions most of a late decode step is padding. Same sampling semantics as the ``hf`` engine
-(temperature, top-k, top-p, EOS; behaviour log-probs of the tempered distribution before top-k/top-p
-truncation, as the hf engine records them and as the training forward computes them).
+distributions most of a late decode step is padding. The G rows of a prompt also share one prefill
+(its keys/values are computed once and repeated; ~2 s of a 4x8 SmolLM2 step on this CPU). Same
+sampling semantics as the ``hf`` engine (temperature, top-k, top-p, EOS; behaviour log-probs of the
+tempered distribution before top-k/top-p truncation, as the hf engine records them and as the
+training forward computes them).
 """
 
 from __future__ import annotations
@@ -38,23 +40,30 @@ class PrunedDecodeEngine(HFEngine):
     @torch.no_grad()
     def _generate_chunk(self, model, tokenizer, prompts: list[str], s: SamplingSettings, extra_processors: list) -> Rollouts:
         device = next(model.parameters()).device
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        batch, prompt_len = enc.input_ids.shape
+        # the G rows of a prompt share its prefill: each distinct prompt runs once, its cache is repeated
+        slot = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        distinct = list(slot)
+        inverse = torch.tensor([slot[p] for p in prompts], device=device)
+        enc = tokenizer(distinct, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         eos = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
         pad = tokenizer.pad_token_id
         was_training = model.training
         model.eval()
-        attention = enc.attention_mask
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = model(input_ids=enc.input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        if len(distinct) < len(prompts):
+            cache.batch_select_indices(inverse)
+        logits, positions = logits[inverse], positions[inverse]
+        prompt_ids, attention = enc.input_ids[inverse], enc.attention_mask[inverse]
+        batch = len(prompts)
         tokens = torch.full((batch, s.max_new_tokens), pad, dtype=torch.long, device=device)
         logps = torch.zeros(batch, s.max_new_tokens, device=device)
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         finished_with_eos = torch.zeros(batch, dtype=torch.bool, device=device)
         active = torch.arange(batch, device=device)  # original row of each cache row
-        sequences = enc.input_ids  # running ids of active rows, for processors that read the context
+        sequences = prompt_ids  # running ids of active rows, for processors that read the context
         next_pos = positions[:, -1] + 1
         for t in range(s.max_new_tokens):
             scores = logits.float()
@@ -93,7 +102,7 @@ class PrunedDecodeEngine(HFEngine):
         completion_ids = torch.where(mask > 0, tokens[:, :width], torch.full_like(tokens[:, :width], pad))
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         return Rollouts(
-            prompt_ids=enc.input_ids.cpu(), prompt_mask=enc.attention_mask.cpu(), completion_ids=completion_ids.cpu(),
+            prompt_ids=prompt_ids.cpu(), prompt_mask=enc.attention_mask[inverse].cpu(), completion_ids=completion_ids.cpu(),
             completion_mask=mask.cpu(), group=torch.zeros(batch, dtype=torch.long), truncated=(~finished_with_eos).cpu(),
             prompts=prompts, completions=texts, behavior_logp=(logps[:, :width] * mask).cpu(),
         )
