@@ -190,8 +190,7 @@ def test_tppo_bootstrap_is_the_state_after_the_last_token_in_the_real_forward():
     batch, _ = make_batch(torch.zeros(1, 4).tolist(), None, None, ids=completion, mask=mask, rewards=[0.0],
                           truncated=[True])
     batch = batch.with_(prompt_ids=prompt.input_ids, prompt_mask=prompt.attention_mask.float())
-    ctx = SimpleNamespace(score=lambda r, with_hidden=False: policy_forward(model, r, with_hidden=with_hidden,
-                                                                            checkpoint_chunks=False), device=None)
+    ctx = SimpleNamespace(score=lambda r, with_hidden=False: policy_forward(model, r, with_hidden=with_hidden), device=None)
     objective = registry.build("objective", "t_ppo")
     with torch.no_grad():
         objective.prepare(batch, ctx)

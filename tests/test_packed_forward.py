@@ -95,9 +95,11 @@ def test_packed_forward_equals_padded_forward_values_and_gradients(share, attent
 
     padded, packed = run(False), run(True)
     # transformers' eager attention takes its softmax in float32, so only sdpa can be compared at float64 precision
-    tolerance = 1e-10 if attention == "sdpa" else 1e-5
     for a, b in zip(padded, packed):
-        assert torch.allclose(a, b, atol=tolerance, rtol=tolerance), float((a - b).abs().max())
+        if attention == "sdpa":
+            assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), float((a - b).abs().max())
+        else:
+            assert (a - b).norm() <= 1e-6 * a.norm(), float((a - b).norm() / a.norm())
 
 
 def test_packed_forward_of_an_all_masked_batch_still_has_a_graph():

@@ -76,9 +76,9 @@ def score_completions(
             # the state at position p predicts token p+1, so completion token t is predicted at prompt_len-1+t
             predicting = hidden[:, prompt_len - 1 : prompt_len - 1 + width]
             targets = completion_ids.to(device)
-            logp, entropy = completion_logp(predicting, head, targets, temperature=1.0, checkpoint_chunks=False)
+            logp, entropy = completion_logp(predicting, head, targets, temperature=1.0)
             if temperature not in (0.0, 1.0):
-                _, entropy = completion_logp(predicting, head, targets, temperature=temperature, checkpoint_chunks=False)
+                _, entropy = completion_logp(predicting, head, targets, temperature=temperature)
             logps.append(logp.float().cpu())
             entropies.append(entropy.float().cpu())
             if with_hidden:

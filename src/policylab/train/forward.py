@@ -1,8 +1,8 @@
 """The training forward: log-probs and entropies over completion positions only, computed in chunks.
 
-Logits are never formed for prompt positions, and the vocabulary projection runs chunk by chunk
-under activation checkpointing, so no [B,T,V] fp32 tensor is ever held (design: update step).
-Position ids follow the left padding exactly as generate() built them.
+Logits are never formed for prompt positions; the vocabulary projection runs chunk by chunk with a
+hand-written backward that keeps at most one [tokens,V] fp32 tensor, and recomputes instead when that
+would exceed its budget (vocab.py). Position ids follow the left padding as generate() built them.
 """
 
 from __future__ import annotations
@@ -10,38 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
 from policylab.rollouts import PolicyOutputs, Rollouts
+from policylab.train.vocab import token_logp_entropy
 
 
-def _logp_entropy_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, temperature: float):
-    logits = F.linear(hidden, weight, bias).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    log_z = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - log_z
-    probs = torch.exp(logits - log_z[..., None])
-    entropy = log_z - (probs * logits).sum(-1)
-    return logp, entropy
-
-
-def completion_logp(
-    hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, *, temperature: float = 1.0,
-    chunk: int = 128, checkpoint_chunks: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp [B,T], entropy [B,T]) of ``targets`` from hidden states [B,T,H] that predict them."""
-    logps, entropies = [], []
-    for start in range(0, targets.shape[1], chunk):
-        h, y = hidden[:, start:start + chunk], targets[:, start:start + chunk]
-        if checkpoint_chunks and torch.is_grad_enabled():
-            lp, ent = checkpoint(_logp_entropy_chunk, h, lm_head.weight, lm_head.bias, y, temperature, use_reentrant=False)
-        else:
-            lp, ent = _logp_entropy_chunk(h, lm_head.weight, lm_head.bias, y, temperature)
-        logps.append(lp)
-        entropies.append(ent)
-    return torch.cat(logps, dim=1), torch.cat(entropies, dim=1)
+def completion_logp(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, *, temperature: float = 1.0,
+                    chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp [B,T], entropy [B,T]) of ``targets`` from hidden states [B,T,H] that predict them (see vocab.py)."""
+    return token_logp_entropy(hidden, lm_head, targets, temperature=temperature, chunk=chunk)
 
 
 def trim(batch: Rollouts) -> Rollouts:
@@ -164,7 +140,7 @@ def pack(batch: Rollouts, share_prompts: bool) -> PackedLayout:
 
 
 def policy_forward(model, batch: Rollouts, *, temperature: float = 1.0, chunk: int = 128, with_hidden: bool = False,
-                   checkpoint_chunks: bool = True, share_prompts: bool = False, packed: bool = True) -> PolicyOutputs:
+                   share_prompts: bool = False, packed: bool = True) -> PolicyOutputs:
     """Run the causal LM over prompt+completion and score the completion tokens.
 
     ``packed`` (default): the micro-batch runs as one padding-free sequence (see ``pack``), so no
@@ -176,7 +152,7 @@ def policy_forward(model, batch: Rollouts, *, temperature: float = 1.0, chunk: i
     lm_head = model.get_output_embeddings()
     if packed and bool((batch.completion_mask > 0).any()):
         return _packed_forward(base, lm_head, batch, device, temperature=temperature, chunk=chunk, with_hidden=with_hidden,
-                               checkpoint_chunks=checkpoint_chunks, share_prompts=share_prompts)
+                               share_prompts=share_prompts)
     completion_hidden = shared_prompt_hidden(base, batch, device) if share_prompts else None
     if completion_hidden is None:
         prompt_len = batch.prompt_ids.shape[1]
@@ -187,12 +163,12 @@ def policy_forward(model, batch: Rollouts, *, temperature: float = 1.0, chunk: i
         # the hidden state at position p predicts token p+1: completion token t is predicted at prompt_len-1+t
         completion_hidden = hidden[:, prompt_len - 1: prompt_len - 1 + batch.completion_ids.shape[1]]
     logp, entropy = completion_logp(completion_hidden, lm_head, batch.completion_ids.to(device),
-                                    temperature=temperature, chunk=chunk, checkpoint_chunks=checkpoint_chunks)
+                                    temperature=temperature, chunk=chunk)
     return PolicyOutputs(logp=logp, entropy=entropy, hidden=completion_hidden if with_hidden else None)
 
 
 def _packed_forward(base, lm_head, batch: Rollouts, device, *, temperature: float, chunk: int, with_hidden: bool,
-                    checkpoint_chunks: bool, share_prompts: bool) -> PolicyOutputs:
+                    share_prompts: bool) -> PolicyOutputs:
     layout = pack(batch, share_prompts)
     dtype = lm_head.weight.dtype
     hidden = base(input_ids=layout.input_ids.to(device), position_ids=layout.position_ids.to(device),
@@ -201,7 +177,7 @@ def _packed_forward(base, lm_head, batch: Rollouts, device, *, temperature: floa
     rows, cols = layout.rows.to(device), layout.cols.to(device)
     targets = batch.completion_ids.to(device)[rows, cols]
     logp_flat, entropy_flat = completion_logp(predicting[None], lm_head, targets[None], temperature=temperature,
-                                              chunk=chunk, checkpoint_chunks=checkpoint_chunks)
+                                              chunk=chunk)
     shape = batch.completion_ids.shape
     logp = torch.zeros(shape, dtype=logp_flat.dtype, device=device).index_put((rows, cols), logp_flat[0])
     entropy = torch.zeros(shape, dtype=entropy_flat.dtype, device=device).index_put((rows, cols), entropy_flat[0])

@@ -103,7 +103,7 @@ class Trainer:
         for rows in micro_batch_order(rollouts, size, whole_groups=share):
             micro = trim(rollouts.select(rows))
             outs.append((rows, policy_forward(model, micro, temperature=self._temperature(), chunk=self.recipe.train.logprob_chunk,
-                                              with_hidden=with_hidden, checkpoint_chunks=False, share_prompts=share,
+                                              with_hidden=with_hidden, share_prompts=share,
                                               packed=self.recipe.train.packed)))
         width = rollouts.completion_ids.shape[1]
         logp = torch.zeros(rollouts.batch_size, width)
