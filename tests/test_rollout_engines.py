@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from policylab import models
-from policylab.rollout.decode import PrunedDecodeEngine, filter_top_k_top_p
+from policylab.rollout import decode
+from policylab.rollout.decode import PrunedDecodeEngine, draw_inverse_cdf, filter_top_k_top_p
 from policylab.rollout.hf import HFEngine, SamplingSettings, completion_masks
 from policylab.train.forward import policy_forward, trim
 
@@ -50,7 +51,7 @@ def test_pruned_engine_matches_transformers_generate(warm_model):
     assert PrunedDecodeEngine().generate(model, tok, rows, greedy).completions == HFEngine().generate(model, tok, rows, greedy).completions
     sampled = SamplingSettings(group_size=4, max_new_tokens=6, temperature=1.0)
     torch.manual_seed(3)
-    a = PrunedDecodeEngine().generate(model, tok, rows, sampled)
+    a = PrunedDecodeEngine(draw="multinomial").generate(model, tok, rows, sampled)
     torch.manual_seed(3)
     b = HFEngine().generate(model, tok, rows, sampled)
     # same RNG stream and same distributions: the same samples, EOS flags and masks
@@ -71,3 +72,25 @@ def test_pruned_engine_prefills_each_distinct_prompt_once(warm_model):
     assert calls[0][0] == 3 and all(shape[1] == 1 for shape in calls[1:])  # one prefill row per prompt, then decode
     assert out.batch_size == 12 and torch.equal(out.prompt_ids[0], out.prompt_ids[3])
     assert not torch.equal(out.prompt_ids[0], out.prompt_ids[4])
+
+
+def test_inverse_cdf_draw_has_the_categorical_frequencies():
+    torch.manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    n = 200_000
+    draws = draw_inverse_cdf((p * 7.0).expand(n, 5))  # unnormalised input is fine
+    freq = torch.bincount(draws, minlength=5).double() / n
+    sigma = (p.double() * (1 - p.double()) / n).sqrt()
+    assert freq[4] == 0  # a zero-probability token is never drawn
+    assert ((freq - p.double()).abs() <= 5 * sigma + 1e-12).all(), freq
+
+
+def test_inverse_cdf_draw_never_passes_the_last_nonzero_token(monkeypatch):
+    # u at the very top of [0, 1): rounding of u * total must not select the zero-probability tail
+    monkeypatch.setattr(decode.torch, "rand", lambda shape, **kw: torch.ones(shape, **kw))
+    assert draw_inverse_cdf(torch.tensor([[0.2, 0.8, 0.0, 0.0], [0.0, 0.0, 0.3, 0.0]])).tolist() == [1, 2]
+
+
+def test_unknown_draw_is_a_clear_error():
+    with pytest.raises(ValueError, match="inverse_cdf"):
+        PrunedDecodeEngine(draw="gumbel")

@@ -34,8 +34,39 @@ def filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.
     return scores
 
 
+def draw_inverse_cdf(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of (unnormalised) probabilities [B,V], drawn by inverse CDF in float64.
+
+    torch.multinomial draws one exponential per vocabulary entry (1.5 M random numbers for 32 rows of
+    SmolLM2: 26 ms of a ~100 ms decode step on this CPU); one float64 uniform per row against a float64
+    cumulative sum draws from the same distribution in under 2 ms. A zero-probability entry is never
+    drawn: its interval [cdf[i-1], cdf[i]) is empty, and u stays below the total.
+    """
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, dtype=torch.float64, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # rounding must not reach the total
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+
+
+def draw_multinomial(probs: torch.Tensor) -> torch.Tensor:
+    """torch.multinomial's draw: the random stream transformers' generate uses (for exact comparisons)."""
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
 class PrunedDecodeEngine(HFEngine):
-    """Sampling with a KV cache, removing finished rows from the cache after every decode step."""
+    """Sampling with a KV cache, removing finished rows from the cache after every decode step.
+
+    ``draw``: ``"inverse_cdf"`` (default, fast) or ``"multinomial"`` (transformers' random stream, so a
+    seeded run reproduces the ``hf`` engine token for token). Both sample the same distribution.
+    """
+
+    def __init__(self, draw: str = "inverse_cdf"):
+        super().__init__()
+        draws = {"inverse_cdf": draw_inverse_cdf, "multinomial": draw_multinomial}
+        if draw not in draws:
+            raise ValueError(f"hf_pruned draw {draw!r}: choose one of {sorted(draws)}")
+        self.draw = draws[draw]
 
     @torch.no_grad()
     def _generate_chunk(self, model, tokenizer, prompts: list[str], s: SamplingSettings, extra_processors: list) -> Rollouts:
@@ -75,7 +106,7 @@ class PrunedDecodeEngine(HFEngine):
                     scores = processor(sequences, scores)
                 scores = scores / s.temperature
                 filtered = filter_top_k_top_p(scores, s.top_k, s.top_p)
-                chosen = torch.multinomial(torch.softmax(filtered, -1), 1).squeeze(-1)
+                chosen = self.draw(torch.softmax(filtered, -1))
                 # log-prob under the tempered, untruncated distribution: what the training forward computes
                 # (and what the hf engine records), so the on-policy ratio is exactly 1
                 logp = torch.log_softmax(scores, -1).gather(-1, chosen[:, None]).squeeze(-1)
