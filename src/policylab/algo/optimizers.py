@@ -1,11 +1,43 @@
-"""Optimizers a recipe can name (kind "optimizer"): torch.optim classes called as cls(params, **kw)."""
+"""Optimizers a recipe can name (kind "optimizer"): torch.optim classes called as cls(params, **kw).
+
+Adam and AdamW default to torch's fused kernel wherever it exists (CPU included): one pass per
+parameter instead of a dozen elementwise kernels, the same update up to float rounding. On the
+SmolLM2 anchor workload an AdamW step took 0.36-0.8 s unfused and 0.06 s fused on our 2-core CPU.
+``fused: false`` or ``foreach: true`` in a recipe picks torch's other implementations.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from policylab.registry import register
 
-register("optimizer", "adamw", spec="foundation issue §8")(torch.optim.AdamW)
-register("optimizer", "adam", spec="torch.optim.Adam")(torch.optim.Adam)
+
+def _prefer_fused(init):
+    @functools.wraps(init)  # recipes are validated against torch's own signature
+    def __init__(self, params, *args, fused=None, foreach=None, differentiable=False, **kwargs):
+        params = list(params)
+        if fused is None and not foreach and not differentiable:
+            try:
+                return init(self, params, *args, fused=True, differentiable=differentiable, **kwargs)
+            except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+                pass
+        init(self, params, *args, fused=fused, foreach=foreach, differentiable=differentiable, **kwargs)
+    return __init__
+
+
+class AdamW(torch.optim.AdamW):
+    __doc__ = torch.optim.AdamW.__doc__
+    __init__ = _prefer_fused(torch.optim.AdamW.__init__)
+
+
+class Adam(torch.optim.Adam):
+    __doc__ = torch.optim.Adam.__doc__
+    __init__ = _prefer_fused(torch.optim.Adam.__init__)
+
+
+register("optimizer", "adamw", spec="foundation issue §8")(AdamW)
+register("optimizer", "adam", spec="torch.optim.Adam")(Adam)
 register("optimizer", "sgd", spec="torch.optim.SGD")(torch.optim.SGD)
