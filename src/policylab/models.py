@@ -157,6 +157,18 @@ def tiny_model(tokenizer, seed: int = 0, **overrides):
     return model
 
 
+def disable_dropout(model) -> None:
+    """Zero every dropout of ``model``: torch Dropout modules and transformers' functional attention dropout.
+
+    RL needs the training forward to equal the sampling forward (on-policy ratio 1), which dropout breaks.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def load(name: str, dtype: str = "float32", device: str | torch.device = "cpu", tiny: dict | None = None, seed: int = 0):
     """(model, tokenizer) for ``name``; tokenizer pads on the left for generation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -65,8 +65,12 @@ class Trainer:
         self.parts.sampler.bind(len(self.task.train), seed=recipe.train.seed)
         m = recipe.model
         self.model, self.tokenizer = models.load(m.name, m.dtype, self.device, tiny=m.tiny, seed=recipe.train.seed)
+        # train mode, so gradient checkpointing (which transformers applies only in training) takes effect;
+        # dropout off, so the training forward equals the sampling forward and the on-policy ratio is 1
+        self.model.train()
+        models.disable_dropout(self.model)
         if m.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
         self.ref_model = None
         if any(needs_reference(c) for _, c in self.parts.all()):
