@@ -108,3 +108,17 @@ def test_packed_forward_of_an_all_masked_batch_still_has_a_graph():
     batch.completion_mask.zero_()
     out = policy_forward(model, batch, packed=True)
     (out.logp * batch.completion_mask).sum().backward()  # an objective's zero loss must stay differentiable
+
+
+def test_attention_without_block_masks_falls_back_to_the_padded_forward(monkeypatch):
+    import policylab.train.forward as forward
+
+    model, tok = models.load("tiny")
+    batch = _sampled_batch(model, tok)
+    model.config._attn_implementation = "flash_attention_2"  # no 4D mask support: must not be packed
+    monkeypatch.setattr(forward, "_packed_forward", lambda *a, **k: pytest.fail("packed forward used"))
+    assert not forward.takes_block_mask(model)
+    model.config._attn_implementation = "sdpa"  # the padded path itself runs under sdpa here (no flash kernel on CPU)
+    monkeypatch.setattr(forward, "takes_block_mask", lambda m: False)
+    out = forward.policy_forward(model, batch, packed=True)
+    assert out.logp.shape == batch.completion_ids.shape

@@ -139,6 +139,12 @@ def pack(batch: Rollouts, share_prompts: bool) -> PackedLayout:
                         predictor=cat(predictor), rows=cat(rows), cols=cat(cols))
 
 
+def takes_block_mask(model) -> bool:
+    """Whether the model's attention applies a custom 4D additive mask (sdpa and eager do; flash-attention
+    kernels take only padding masks), which the packed layout needs. Others use the padded forward."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") in ("sdpa", "eager")
+
+
 def policy_forward(model, batch: Rollouts, *, temperature: float = 1.0, chunk: int = 128, with_hidden: bool = False,
                    share_prompts: bool = False, packed: bool = True) -> PolicyOutputs:
     """Run the causal LM over prompt+completion and score the completion tokens.
@@ -150,7 +156,7 @@ def policy_forward(model, batch: Rollouts, *, temperature: float = 1.0, chunk: i
     device = next(model.parameters()).device
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     lm_head = model.get_output_embeddings()
-    if packed and bool((batch.completion_mask > 0).any()):
+    if packed and takes_block_mask(model) and bool((batch.completion_mask > 0).any()):
         return _packed_forward(base, lm_head, batch, device, temperature=temperature, chunk=chunk, with_hidden=with_hidden,
                                share_prompts=share_prompts)
     completion_hidden = shared_prompt_hidden(base, batch, device) if share_prompts else None
