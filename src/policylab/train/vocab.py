@@ -10,9 +10,9 @@ directly:
     z = (h W^T + b) / T,  logp_y = z_y - logsumexp(z),  H = -sum_v p_v log p_v
     d logp_y / d z_v = 1[v = y] - p_v            d H / d z_v = -p_v (log p_v + H)
 
-When the logits of a chunk would exceed ``save_budget_bytes`` it saves only the hidden states and
-recomputes the logits in backward (the checkpointing behaviour), so memory stays bounded for long
-sequences.
+When the logits of the whole call (all chunks of a micro-batch) would exceed ``save_budget_bytes``,
+each chunk saves only its hidden states and recomputes its logits in backward (the checkpointing
+behaviour), so memory stays bounded for long sequences.
 """
 
 from __future__ import annotations
