@@ -7,10 +7,10 @@ A + B, P prompts x G completions x <= T new tokens, temperature 1, lr 1e-6, beta
 Each side runs in its own subprocess (so peak RSS is its own); both get the same model folder, seed,
 prompt set, batch shape, thread count and allocator environment.
 
-    pip install -e '.[bench]'
-    python benchmarks/vs_trl.py                       # the anchor comparison (about 15 min here)
-    python benchmarks/vs_trl.py --gradient-checkpointing 1
-    python benchmarks/vs_trl.py --scaling             # policylab cost vs completions and max tokens
+    bash scripts/setup.sh bench                       # .venv with the bench extra (TRL)
+    .venv/bin/python benchmarks/vs_trl.py             # the anchor comparison (about 11 min here)
+    .venv/bin/python benchmarks/vs_trl.py --gradient-checkpointing 1
+    .venv/bin/python benchmarks/vs_trl.py --scaling   # policylab cost vs completions and max tokens
 """
 
 from __future__ import annotations
