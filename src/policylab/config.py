@@ -89,7 +89,7 @@ class TrainConfig(Strict):
     save_every: int = Field(0, ge=0)  # 0 = only at the end
     log_samples: int = Field(4, ge=0)
     logprob_chunk: int = Field(128, ge=1)  # completion positions per log-softmax chunk
-    share_prompts: bool = True  # run each prompt once per micro-batch and reuse its keys/values for its G rows
+    share_prompts: bool = True  # run each prompt once per micro-batch; its G rows attend to that one copy
     packed: bool = True  # padding-free micro-batches: each one forward over a single sequence of real tokens
     max_bad_steps: int = Field(3, ge=1)  # consecutive non-finite steps before the run stops
     device: str = "auto"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from policylab.rollouts import PolicyOutputs, Rollouts
 from policylab.train.vocab import token_logp_entropy
 
@@ -115,7 +116,11 @@ def completion_lengths(batch: Rollouts) -> torch.Tensor:
 def pack(batch: Rollouts, share_prompts: bool) -> PackedLayout:
     """Lay a micro-batch out as one sequence; rows with nothing to train are left out entirely."""
     lengths = completion_lengths(batch).tolist()
-    owners = _unique_rows(batch.group)[1][_unique_rows(batch.group)[2]] if share_prompts else torch.arange(batch.batch_size)
+    if share_prompts:
+        _, first, inverse = _unique_rows(batch.group)
+        owners = first[inverse]  # the row whose prompt each row attends to
+    else:
+        owners = torch.arange(batch.batch_size)
     ids, pos, seg, see, predictor, rows, cols = [], [], [], [], [], [], []
     cursor, segment = 0, 0
     for owner in torch.unique(owners).tolist():
@@ -124,15 +129,22 @@ def pack(batch: Rollouts, share_prompts: bool) -> PackedLayout:
             continue
         prompt = batch.prompt_ids[owner][batch.prompt_mask[owner] > 0]
         p = prompt.numel()
-        ids.append(prompt), pos.append(torch.arange(p)), seg.append(torch.full((p,), segment)), see.append(torch.full((p,), segment))
+        ids.append(prompt)
+        pos.append(torch.arange(p))
+        seg.append(torch.full((p,), segment))
+        see.append(torch.full((p,), segment))
         prompt_segment, prompt_last = segment, cursor + p - 1
         cursor, segment = cursor + p, segment + 1
         for r in members:
             n = lengths[r] - 1  # the last token is only predicted, never fed
-            ids.append(batch.completion_ids[r, :n]), pos.append(p + torch.arange(n))
-            seg.append(torch.full((n,), segment)), see.append(torch.full((n,), prompt_segment))
+            ids.append(batch.completion_ids[r, :n])
+            pos.append(p + torch.arange(n))
+            seg.append(torch.full((n,), segment))
+            see.append(torch.full((n,), prompt_segment))
+            # token 0 is predicted by the prompt's last state, token t by the completion's state t-1
             predictor.append(torch.cat([torch.tensor([prompt_last]), cursor + torch.arange(n)]))
-            rows.append(torch.full((n + 1,), r)), cols.append(torch.arange(n + 1))
+            rows.append(torch.full((n + 1,), r))
+            cols.append(torch.arange(n + 1))
             cursor, segment = cursor + n, segment + 1
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
     return PackedLayout(input_ids=cat(ids)[None].long(), position_ids=cat(pos)[None], segment=cat(seg), visible_prompt=cat(see),
