@@ -54,7 +54,7 @@ def score_completions(
     """Teacher-forced pass over prompt+completion: ``logp`` [B,T] at temperature 1 (E3 confidence),
     ``entropy`` [B,T] at the sampling temperature (E4), ``hidden`` [B,T,H] last-layer states of the
     response tokens themselves (E5). Everything returned on CPU."""
-    from policylab.train.forward import completion_logp
+    from policylab.train.vocab import token_logp_entropy
 
     device = next(model.parameters()).device
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -76,9 +76,9 @@ def score_completions(
             # the state at position p predicts token p+1, so completion token t is predicted at prompt_len-1+t
             predicting = hidden[:, prompt_len - 1 : prompt_len - 1 + width]
             targets = completion_ids.to(device)
-            logp, entropy = completion_logp(predicting, head, targets, temperature=1.0)
+            logp, entropy = token_logp_entropy(predicting, head, targets, temperature=1.0)
             if temperature not in (0.0, 1.0):
-                _, entropy = completion_logp(predicting, head, targets, temperature=temperature)
+                _, entropy = token_logp_entropy(predicting, head, targets, temperature=temperature)
             logps.append(logp.float().cpu())
             entropies.append(entropy.float().cpu())
             if with_hidden:

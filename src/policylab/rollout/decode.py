@@ -87,7 +87,8 @@ class PrunedDecodeEngine(HFEngine):
         if len(distinct) < len(prompts):
             cache.batch_select_indices(inverse)
         logits, positions = logits[inverse], positions[inverse]
-        prompt_ids, attention = enc.input_ids[inverse], enc.attention_mask[inverse]
+        prompt_ids, prompt_mask = enc.input_ids[inverse], enc.attention_mask[inverse]
+        attention = prompt_mask
         batch = len(prompts)
         tokens = torch.full((batch, s.max_new_tokens), pad, dtype=torch.long, device=device)
         logps = torch.zeros(batch, s.max_new_tokens, device=device)
@@ -133,7 +134,7 @@ class PrunedDecodeEngine(HFEngine):
         completion_ids = torch.where(mask > 0, tokens[:, :width], torch.full_like(tokens[:, :width], pad))
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         return Rollouts(
-            prompt_ids=prompt_ids.cpu(), prompt_mask=enc.attention_mask[inverse].cpu(), completion_ids=completion_ids.cpu(),
+            prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(), completion_ids=completion_ids.cpu(),
             completion_mask=mask.cpu(), group=torch.zeros(batch, dtype=torch.long), truncated=(~finished_with_eos).cpu(),
             prompts=prompts, completions=texts, behavior_logp=(logps[:, :width] * mask).cpu(),
         )

@@ -15,12 +15,6 @@ from policylab.rollouts import PolicyOutputs, Rollouts
 from policylab.train.vocab import token_logp_entropy
 
 
-def completion_logp(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, *, temperature: float = 1.0,
-                    chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp [B,T], entropy [B,T]) of ``targets`` from hidden states [B,T,H] that predict them (see vocab.py)."""
-    return token_logp_entropy(hidden, lm_head, targets, temperature=temperature, chunk=chunk)
-
-
 def trim(batch: Rollouts) -> Rollouts:
     """Drop all-padding columns: prompt columns padded in every row (left) and completion columns after
     the longest completion (right). Makes a micro-batch only as wide as its own rows need."""
@@ -180,7 +174,7 @@ def policy_forward(model, batch: Rollouts, *, temperature: float = 1.0, chunk: i
         hidden = base(input_ids=input_ids, attention_mask=attention.long(), position_ids=position_ids, use_cache=False).last_hidden_state
         # the hidden state at position p predicts token p+1: completion token t is predicted at prompt_len-1+t
         completion_hidden = hidden[:, prompt_len - 1: prompt_len - 1 + batch.completion_ids.shape[1]]
-    logp, entropy = completion_logp(completion_hidden, lm_head, batch.completion_ids.to(device),
+    logp, entropy = token_logp_entropy(completion_hidden, lm_head, batch.completion_ids.to(device),
                                     temperature=temperature, chunk=chunk)
     return PolicyOutputs(logp=logp, entropy=entropy, hidden=completion_hidden if with_hidden else None)
 
@@ -194,7 +188,7 @@ def _packed_forward(base, lm_head, batch: Rollouts, device, *, temperature: floa
     predicting = hidden[layout.predictor.to(device)]  # [M,H], one state per trained completion token
     rows, cols = layout.rows.to(device), layout.cols.to(device)
     targets = batch.completion_ids.to(device)[rows, cols]
-    logp_flat, entropy_flat = completion_logp(predicting[None], lm_head, targets[None], temperature=temperature,
+    logp_flat, entropy_flat = token_logp_entropy(predicting[None], lm_head, targets[None], temperature=temperature,
                                               chunk=chunk)
     shape = batch.completion_ids.shape
     logp = torch.zeros(shape, dtype=logp_flat.dtype, device=device).index_put((rows, cols), logp_flat[0])

@@ -33,7 +33,7 @@ class VocabLogpEntropy(torch.autograd.Function):
         logits = _tempered_logits(hidden, weight, bias, temperature)
         log_z = torch.logsumexp(logits, dim=-1)
         logp = logits.gather(-1, targets[..., None]).squeeze(-1) - log_z
-        entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        entropy = log_z - (torch.exp(logits - log_z[..., None]) * logits).sum(-1)  # reuses log_z: no second softmax
         ctx.set_materialize_grads(False)
         ctx.temperature, ctx.save_logits = temperature, save_logits
         ctx.save_for_backward(hidden, weight, bias, targets, logits if save_logits else None, log_z, entropy)
