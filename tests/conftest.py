@@ -9,7 +9,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_arith_model() -> str:
     """Folder of the warmed-up tiny testbed model (built once per machine, cached)."""
-    from policylab.tasks.testbed import warm_tiny_folder
+    from policylab.models.warmup import warm_tiny_folder
 
     return str(warm_tiny_folder())
 

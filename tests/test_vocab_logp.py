@@ -1,10 +1,10 @@
-"""The hand-written backward of the vocabulary log-prob/entropy (train/vocab.py) against autograd."""
+"""The hand-written backward of the vocabulary log-prob/entropy (models/vocab.py) against autograd."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from policylab.train.vocab import VocabLogpEntropy, token_logp_entropy
+from policylab.models.vocab import VocabLogpEntropy, token_logp_entropy
 
 
 def _reference(hidden, weight, bias, targets, temperature):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from policylab.rollouts import PolicyOutputs, Rollouts
-from policylab.train.vocab import token_logp_entropy
+from policylab.models.vocab import token_logp_entropy
 
 
 def trim(batch: Rollouts) -> Rollouts:

@@ -2,15 +2,25 @@
 
 Used to give the tiny test model a starting accuracy so RL learning tests and smoke tests exercise
 non-degenerate groups (design.md §Models: "learning tests warm it up with a short supervised phase").
+``warm_tiny_folder`` builds the ``tiny-arith`` model (the tiny model warmed up on tiny_arithmetic) once
+(seeded, about 5 s) and caches the folder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
+import shutil
+from pathlib import Path
 
 import torch
 
-from policylab.rollout.hf import format_prompt
+from policylab.models.chat import format_prompt
+
+TINY_WARMUP = dict(steps=150, batch_size=64, lr=3e-3, seed=0)
+TINY_MODEL_SEED = 0
 
 
 def sft_batch(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,3 +57,29 @@ def supervised_warmup(model, tokenizer, rows: list[dict], *, steps: int, batch_s
         optimizer.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def warm_tiny_folder(sft_steps: int | None = None) -> Path:
+    """Folder of the tiny model after the seeded supervised warm-up on tiny_arithmetic (built once)."""
+    from policylab import models
+    from policylab.tasks.testbed import TINY_TASK, tiny_arithmetic
+
+    warm = dict(TINY_WARMUP, steps=TINY_WARMUP["steps"] if sft_steps is None else sft_steps)
+    key = hashlib.sha1(json.dumps([TINY_TASK, warm, TINY_MODEL_SEED], sort_keys=True).encode()).hexdigest()[:10]
+    out = models.cache_dir() / "models" / f"tiny-arith-{key}"
+    if (out / "config.json").exists():
+        return out
+    rng_state = torch.get_rng_state()
+    tokenizer = models.tiny_tokenizer()
+    model = models.tiny_model(tokenizer, seed=TINY_MODEL_SEED)
+    supervised_warmup(model, tokenizer, tiny_arithmetic().train, **warm)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # parallel test workers may build it at once
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process renamed its copy first; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    torch.set_rng_state(rng_state)
+    return out

