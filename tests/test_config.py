@@ -249,7 +249,8 @@ def test_overriding_one_parameter_of_a_default_component():
     assert (r.task.name, r.task.params) == ("arithmetic", {"train_size": 10})
     assert (r.sampler.name, r.sampler.params) == ("shuffle", {"seed": 3})
     assert (r.rewards[0].name, r.rewards[0].params) == ("numeric_answer", {"tolerance": 0.5})
-    r = load_recipe(str(RECIPE_DIR / "grpo.yaml"), {"task.name": "file", "algorithm.group_filter.metric": "score",
+    r = load_recipe(str(RECIPE_DIR / "grpo.yaml"), {"task.name": "file", "task.path": "rows.jsonl",  # path: required
+                                                     "algorithm.group_filter.metric": "score",
                                                      "algorithm.group_filter.name": "zero_variance"})
     assert r.task.name == "file" and r.algorithm.group_filter.params == {"metric": "score"}
 

@@ -12,7 +12,7 @@ from policylab import models
 from policylab.rollout.hf import HFEngine, SamplingSettings
 from policylab.rollouts import Rollouts
 from policylab.tasks.files import DatasetError, read_rows
-from policylab.train.forward import policy_forward, trim
+from policylab.models.forward import policy_forward, trim
 from policylab.train.loop import TrainingError
 from tests.conftest import TINY_RUN
 
@@ -42,7 +42,9 @@ def test_left_padding_gives_the_same_logprobs_as_no_padding():
     torch.manual_seed(0)
     model, tok = models.load("tiny")
     rows = [{"prompt": "1 + 2="}, {"prompt": "13 + 14 + 15="}]
-    batch = HFEngine().generate(model, tok, rows, SamplingSettings(group_size=2, max_new_tokens=5))
+    engine = HFEngine()
+    engine.bind(model, tok)
+    batch = engine.generate(rows, SamplingSettings(group_size=2, max_new_tokens=5))
     together = policy_forward(model, trim(batch)).logp
     for i in range(batch.batch_size):
         alone = policy_forward(model, trim(batch.select([i]))).logp[0]
@@ -146,7 +148,9 @@ def test_prefix_sharing_gives_the_same_logprobs_and_gradients(tiny_arith_model):
     torch.manual_seed(0)
     model, tok = models.load(tiny_arith_model)
     rows = [{"prompt": "1 + 2="}, {"prompt": "13 + 14 + 15="}]
-    batch = trim(HFEngine().generate(model, tok, rows, SamplingSettings(group_size=3, max_new_tokens=6)))
+    engine = HFEngine()
+    engine.bind(model, tok)
+    batch = trim(engine.generate(rows, SamplingSettings(group_size=3, max_new_tokens=6)))
     mask = batch.completion_mask
 
     def run(share):
@@ -178,8 +182,7 @@ def test_gradient_checkpointing_takes_effect_and_changes_no_number(tmp_path, tin
     recipe = load_recipe("grpo", {**settings, "model.gradient_checkpointing": True})
     trainer = Trainer(recipe, tmp_path / "probe")
     assert trainer.model.training
-    batch = trainer.parts.engine.generate(trainer.model, trainer.tokenizer, trainer.task.train[:2],
-                                          trainer.sampling)
+    batch = trainer.parts.engine.generate(trainer.task.train[:2], trainer.sampling)
 
     def saved_bytes():
         total = [0]

@@ -47,7 +47,9 @@ class ModelConfig(Strict):
 
 
 class RolloutConfig(Strict):
-    engine: str = "hf_pruned"  # "hf" = transformers generate; hf_pruned drops finished rows (same sampling)
+    # "hf" = transformers generate; "hf_pruned" drops finished rows (same sampling). A name, or
+    # {name: ..., <engine parameter>: ...}; the parameters are validated against the engine's signature.
+    engine: Component = Component(name="hf_pruned")
     group_size: int = Field(8, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -56,6 +58,11 @@ class RolloutConfig(Strict):
     generation_batch_size: int = Field(0, ge=0)  # completions per generate() call; 0 = all at once
     max_gen_batches: int = 10  # dynamic sampling: generation rounds per step before giving up (<=0: unlimited)
     gen_prompts_per_round: int = Field(0, ge=0)  # dynamic sampling: prompts per extra round; 0 = prompts_per_step
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine_name(cls, v):
+        return {"name": v} if isinstance(v, str) else v
 
 
 class AlgorithmConfig(Strict):
@@ -66,11 +73,9 @@ class AlgorithmConfig(Strict):
     token_weights: list[Component] = Field(default_factory=list)
     reward_shaping: list[Component] = Field(default_factory=list)
     group_filter: Component | None = None
+    annotators: list[Component] = Field(default_factory=list)  # model-driving passes that provide declared fields
+    batch_transforms: list[Component] = Field(default_factory=list)  # stages that add or drop rows
     mask_truncated: bool = False  # overlong filtering (DAPO ablation; TRL mask_truncated_completions)
-
-
-class RewardSpec(Component):
-    pass
 
 
 class TrainConfig(Strict):
@@ -102,7 +107,7 @@ class Recipe(Strict):
     paper: str = ""
     model: ModelConfig = ModelConfig()
     task: Component = Component(name="arithmetic")
-    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="numeric_answer")])
+    rewards: list[Component] = Field(default_factory=lambda: [Component(name="numeric_answer")])  # + weight
     rollout: RolloutConfig = RolloutConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     sampler: Component = Component(name="shuffle")
@@ -207,6 +212,8 @@ def apply_override(data: dict, dotted: str, value: Any) -> None:
             continue
         if node.get(part) is None:
             node[part] = _schema_default(parts[: i + 1])
+        elif isinstance(node[part], str):  # a component given by name only ("engine: hf"): now its params too
+            node[part] = {"name": node[part]}
         node = node[part]
     last = parts[-1]
     if isinstance(node, list):
@@ -274,7 +281,8 @@ def _suggest_key(loc) -> str:
 
 
 def check_components(recipe: Recipe, where: str) -> None:
-    """Every named component exists and accepts the given parameters."""
+    """Every named component exists and accepts the given parameters; their values are type-checked and
+    stored back coerced to the parameter types (policylab.params)."""
     alg = recipe.algorithm
     checks: list[tuple[str, Component, str]] = [
         ("advantage", alg.advantage, "algorithm.advantage"),
@@ -289,15 +297,23 @@ def check_components(recipe: Recipe, where: str) -> None:
     checks += [("reward_shaping", c, f"algorithm.reward_shaping.{i}") for i, c in enumerate(alg.reward_shaping)]
     if alg.group_filter is not None:
         checks.append(("group_filter", alg.group_filter, "algorithm.group_filter"))
+    checks += [("annotator", c, f"algorithm.annotators.{i}") for i, c in enumerate(alg.annotators)]
+    checks += [("batch_transform", c, f"algorithm.batch_transforms.{i}") for i, c in enumerate(alg.batch_transforms)]
+    checks.append(("rollout_engine", recipe.rollout.engine, "rollout.engine"))
     for i, r in enumerate(recipe.rewards):
         params = {k: v for k, v in r.params.items() if k != "weight"}
         checks.append(("reward", Component(name=r.name, **params), f"rewards.{i}"))
+    owners = {f"rewards.{i}": r for i, r in enumerate(recipe.rewards)}  # rewards are checked via a copy
     for kind, comp, loc in checks:
         try:
             entry = registry.get(kind, comp.name)
-            registry.check_params(entry, comp.params, loc)
+            coerced = registry.check_params(entry, comp.params, loc)
         except RegistryError as err:
             raise RecipeError(f"recipe {where!r}, {loc}: {err}") from None
+        given = comp.params
+        for key, value in coerced.items():  # the recipe carries the coerced values ("5e-4" -> 0.0005)
+            if value is not given.get(key):
+                owners.get(loc, comp).__pydantic_extra__[key] = value
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -29,8 +29,11 @@ KINDS = (
     "prompt_transform",  # class/func applied to prompts before generation
     "optimizer",  # torch.optim.Optimizer subclass or factory(params, **kw)
     "task",  # (**params) -> Task
-    "rollout_engine",  # class: generate(model, tokenizer, prompts, cfg) -> Rollouts
+    "rollout_engine",  # class: bind(model, tokenizer); generate(requests, sampling) -> Rollouts
+    "annotator",  # class: annotate(rollouts, ctx) -> {declared field: value}, once per batch
+    "batch_transform",  # class: transform(rollouts, ctx) -> Rollouts (adds or drops rows)
 )
+# The call signature and hooks of each kind: policylab/interfaces.py.
 
 # Packages whose modules register components when imported. Importing every module of these packages
 # (instead of a hand-kept list) lets a new family file register itself just by existing.
@@ -40,6 +43,7 @@ _COMPONENT_PACKAGES = (
     "policylab.tasks",
     "policylab.sampling",
     "policylab.rollout",
+    "policylab.annotate",
 )
 
 
@@ -78,16 +82,22 @@ def suggest(word: str, options) -> str:
     return f" (valid: {shown})"
 
 
-def register(kind: str, name: str, *, spec: str = "", aliases: tuple[str, ...] = (), tags: tuple[str, ...] = ()):
+def register(kind: str, name: str, *, spec: str = "", aliases: tuple[str, ...] = (), tags: tuple[str, ...] = (),
+             requires: tuple = (), provides: tuple = ()):
     """Decorator: register a function or class as component ``name`` of ``kind``.
 
     ``tags`` carry facts the shared tests read, e.g. ``"skip:T-ONPOL"`` for an objective whose spec says
-    it does not reduce to REINFORCE on-policy (the docstring must say why).
+    it does not reduce to REINFORCE on-policy (the docstring must say why). ``requires``/``provides``
+    declare the Rollouts fields a function component reads/writes (classes set them as attributes);
+    see policylab/interfaces.py.
     """
     if kind not in _ENTRIES:
         raise RegistryError(f"unknown component kind {kind!r}" + suggest(kind, KINDS))
 
     def deco(target):
+        for attr, value in (("requires", requires), ("provides", provides)):
+            if value:  # a tuple, or a function of the component's parameters returning one
+                setattr(target, attr, value if callable(value) else tuple(value))
         doc = inspect.getdoc(target) or ""
         summary = doc.strip().splitlines()[0] if doc.strip() else ""
         for key in (name, *aliases):
@@ -142,7 +152,8 @@ def parameters(entry: Entry) -> dict[str, inspect.Parameter]:
     return out
 
 
-def check_params(entry: Entry, params: dict[str, Any], where: str = "") -> None:
+def check_params(entry: Entry, params: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Check names (nearest spelling on a typo), then types; return the params coerced to their types."""
     allowed = parameters(entry)
     for key in params:
         if key not in allowed:
@@ -150,13 +161,15 @@ def check_params(entry: Entry, params: dict[str, Any], where: str = "") -> None:
             raise RegistryError(
                 f"{entry.kind} {entry.name!r} has no parameter {key!r}{at}" + suggest(key, allowed)
             )
+    from policylab.params import validate_params  # lazy: policylab.params imports this module
+
+    return validate_params(entry, params, where)
 
 
 def build(kind: str, name: str, params: dict[str, Any] | None = None, where: str = ""):
     """Return the component ready to call: a class instance, or the function with its params bound."""
     entry = get(kind, name)
-    params = dict(params or {})
-    check_params(entry, params, where)
+    params = check_params(entry, dict(params or {}), where)
     if entry.is_class:
         return entry.target(**params)
     if not params:

@@ -2,7 +2,9 @@
 
 ``Rollouts`` is the one container passed from sampler to optimizer: tensors with a leading batch
 dimension B (one row per completion) plus per-row Python metadata. Stages read what earlier stages
-wrote and add their own fields; they never keep private side channels.
+wrote and add their own fields; they never keep private side channels. ``extras`` holds only fields
+declared in :mod:`policylab.fields` (per-row or per-batch), so selection and concatenation know how
+to treat every value.
 """
 
 from __future__ import annotations
@@ -12,6 +14,32 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from policylab import fields as F
+
+
+class Extras(dict):
+    """``Rollouts.extras``: a dict that accepts declared field names only (see policylab.fields)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.update(*args, **kwargs)
+
+    def __setitem__(self, key, value):
+        F.lookup(key)  # raises FieldError naming the undeclared field
+        super().__setitem__(key, value)
+
+    def update(self, *args, **kwargs):
+        for k, v in dict(*args, **kwargs).items():
+            self[k] = v
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def copy(self) -> "Extras":
+        return Extras(self)
 
 
 @dataclass
@@ -39,7 +67,12 @@ class Rollouts:
     ref_logp: Tensor | None = None  # [B,T] log-probs of the frozen reference policy
     entropy: Tensor | None = None  # [B,T] token entropy at collection time
     advantages: Tensor | None = None  # [B] or [B,T]
-    extras: dict[str, Any] = field(default_factory=dict)  # stage-specific tensors [B,...] or values
+    extras: dict[str, Any] = field(default_factory=Extras)  # declared fields only (policylab.fields)
+
+    def __setattr__(self, name, value):
+        if name == "extras" and not isinstance(value, Extras):
+            value = Extras(value or {})
+        super().__setattr__(name, value)
 
     def __post_init__(self):
         b = self.completion_ids.shape[0]
@@ -60,9 +93,14 @@ class Rollouts:
         """[B] number of trained tokens per completion."""
         return self.completion_mask.sum(-1)
 
-    @property
-    def num_groups(self) -> int:
-        return int(torch.unique(self.group).numel())
+    def validate(self, who: str = "") -> None:
+        """Check every extras value against its declaration (rows, rank, dtype); FieldError names the
+        field, its owner and ``who`` (the stage that just ran)."""
+        for name, value in self.extras.items():
+            try:
+                F.lookup(name).check(value, self.batch_size)
+            except F.FieldError as err:
+                raise F.FieldError(f"after {who}: {err}" if who else str(err)) from None
 
     def seq_advantages(self) -> Tensor:
         """Advantages broadcast to [B,T] (zeros on masked positions)."""
@@ -83,7 +121,11 @@ class Rollouts:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = _take(value, index, idx, self.batch_size)
+            if f.name == "extras":
+                out[f.name] = {k: (_take(v, index, idx, self.batch_size) if F.lookup(k).per_row else v)
+                               for k, v in value.items()}
+            else:
+                out[f.name] = _take(value, index, idx, self.batch_size)
         return Rollouts(**out)
 
     @staticmethod
@@ -96,25 +138,23 @@ class Rollouts:
             values = [getattr(p, f.name) for p in parts]
             if f.name in ("prompt_ids", "prompt_mask"):
                 out[f.name] = _cat_padded(values, left=True)
-            elif isinstance(values[0], Tensor) or values[0] is None:
-                if any(v is None for v in values):
+            elif any(isinstance(v, Tensor) for v in values) or values[0] is None:
+                if all(v is None for v in values):
                     out[f.name] = None
+                elif any(v is None for v in values):
+                    raise ValueError(f"Rollouts.concat: {f.name} is set in some parts and None in others")
                 else:
                     out[f.name] = _cat_padded(values, left=False)
             elif isinstance(values[0], list):
                 out[f.name] = [x for v in values for x in v]
-            elif isinstance(values[0], dict):
-                keys = set(values[0])
-                merged = {}
-                for k in keys:
-                    vs = [v.get(k) for v in values]
-                    if all(isinstance(x, Tensor) and x.dim() > 0 for x in vs):
-                        merged[k] = _cat_padded(vs, left=False)
-                    elif all(isinstance(x, list) for x in vs):
-                        merged[k] = [y for x in vs for y in x]
-                    else:
-                        merged[k] = vs[0]
-                out[f.name] = merged
+            elif f.name == "extras":
+                out[f.name] = _concat_extras(values)
+            elif isinstance(values[0], dict):  # reward_components: name -> [B]
+                keys = set().union(*values)
+                missing = [k for k in keys if any(k not in v for v in values)]
+                if missing:
+                    raise ValueError(f"Rollouts.concat: reward component(s) {sorted(missing)} missing from some parts")
+                out[f.name] = {k: _cat_padded([v[k] for v in values], left=False) for k in sorted(keys)}
         return Rollouts(**out)
 
     def to(self, device) -> "Rollouts":
@@ -140,6 +180,36 @@ def _take(value, index: Tensor, idx: list[int], batch: int):
     if isinstance(value, dict):
         return {k: _take(v, index, idx, batch) for k, v in value.items()}
     return value
+
+
+def _concat_extras(parts: list[dict]) -> dict:
+    """Per-row fields are concatenated (right-padded past dim 0); per-batch fields must agree. A field
+    present in some parts only is an error: its rows would silently misalign with the others."""
+    keys = list(dict.fromkeys(k for p in parts for k in p))
+    merged = {}
+    for k in keys:
+        spec = F.lookup(k)
+        if any(k not in p for p in parts):
+            have = [i for i, p in enumerate(parts) if k in p]
+            raise F.FieldError(f"Rollouts.concat: field {k!r} (owner {spec.owner or '?'}) is in parts {have} of "
+                               f"{len(parts)} only; every part must provide it")
+        vs = [p[k] for p in parts]
+        if spec.per_row:
+            if all(isinstance(x, Tensor) for x in vs):
+                merged[k] = _cat_padded(vs, left=False)
+            elif all(isinstance(x, (list, tuple)) for x in vs):
+                merged[k] = [y for x in vs for y in x]
+            else:
+                raise F.FieldError(f"Rollouts.concat: per-row field {k!r} mixes tensors and lists across parts")
+        else:
+            first = vs[0]
+            for x in vs[1:]:
+                same = torch.equal(first, x) if isinstance(first, Tensor) and isinstance(x, Tensor) else first == x
+                if not same:
+                    raise F.FieldError(f"Rollouts.concat: per-batch field {k!r} (owner {spec.owner or '?'}) differs "
+                                       "between parts; declare it per_row=True if it has one value per row")
+            merged[k] = first
+    return merged
 
 
 def _cat_padded(tensors: list[Tensor], left: bool) -> Tensor:

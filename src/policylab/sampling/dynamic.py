@@ -42,8 +42,8 @@ def collect_informative_groups(
         if kept_count >= target_groups:
             merged = Rollouts.concat(kept)
             first = torch.unique_consecutive(merged.group)[:target_groups]
+            # every declared per-row field follows its rows through concat and select (policylab.fields)
             merged = merged.select(torch.isin(merged.group, first))
-            merged.extras = dict(kept[0].extras)
             return merged, {"groups/filtered_frac": dropped / seen, "groups/gen_rounds": float(rounds),
                             "groups/kept_before_truncation": float(kept_count)}
         if 0 < max_rounds <= rounds:

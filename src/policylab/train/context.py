@@ -1,24 +1,13 @@
-"""What a component may reach beyond the Rollouts: the models, and scoring passes over them.
+"""The StageContext the loop hands to annotators and batch transforms (policylab/interfaces.py).
 
-Component hooks the loop honours (all optional, looked up on the built component object):
-- ``needs_reference() -> bool``: the reference model is loaded and ``rollouts.ref_logp`` filled.
-- ``needs_hidden = True``: the training forward fills ``PolicyOutputs.hidden`` [B,T,H].
-- ``needs_entropy_grad = True``: ``PolicyOutputs.entropy`` keeps its graph (entropy losses).
-- ``prepare(rollouts, ctx) -> Rollouts``: runs after rewards, before advantages, with this context
-  (probe passes, value estimates, judges). Stateful components also give ``state_dict``/``load_state_dict``.
-- ``after_step(metrics: dict) -> None``: once per training step, after its optimizer steps (controllers, EMAs);
-  ``metrics`` holds the step's update metrics and ``lr``.
-- ``last_metrics``: a dict of floats merged into the step's metrics (advantages cannot return metrics).
-- ``logits_processor() -> LogitsProcessor | None``: applied during sampling (not greedy eval), before the
-  behaviour log-probs are recorded (HAPO's adaptive temperature).
-- ``needs_whole_groups = True``: micro- and mini-batches are cut at group boundaries.
-- The sampler's ``update({"index": [...], "pass_rate": [...], "step": n})`` is called after each generation round.
-- ``ctx.extras["reward"]`` is the run's reward combiner ``(prompts, completions, rows) -> (total, components)``.
+It carries the models and two services, both built on the loop's own machinery: ``score`` is the
+optimised teacher-forced forward (packed, chunked) without grad, ``generate`` is the recipe's rollout
+engine. Nothing else reaches a component: no recipe object, no untyped extras.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from policylab.rollouts import PolicyOutputs, Rollouts
@@ -26,14 +15,15 @@ from policylab.rollouts import PolicyOutputs, Rollouts
 
 @dataclass
 class TrainContext:
-    model: Any  # the policy (a transformers causal LM)
+    policy: Any  # the trained model (a transformers causal LM)
     tokenizer: Any
-    ref_model: Any | None
+    reference: Any | None  # the frozen reference policy, when an annotator declared needs_reference_model
     device: Any
-    step: int = 0
-    config: Any = None  # the validated Recipe
+    temperature: float  # the training forward's temperature (the rollout temperature; 1 for greedy)
+    # (prompts, completions, rows) -> (total [B], components {name: [B]}): the run's reward combiner
+    reward: Callable[..., Any]
     # (rollouts, model=None, with_hidden=False) -> PolicyOutputs over completion positions, no grad
-    score: Callable[..., PolicyOutputs] | None = None
-    # (prompts: list[str], **sampling overrides) -> Rollouts; for components that need extra generations
-    generate: Callable[..., Rollouts] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    score: Callable[..., PolicyOutputs]
+    # (requests, **sampling overrides) -> Rollouts, through the recipe's engine
+    generate: Callable[..., Rollouts]
+    step: int = 0

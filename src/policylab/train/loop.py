@@ -5,8 +5,6 @@ It knows component kinds and hooks, never method names. ``train()`` is the publi
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
 import time
@@ -17,16 +15,17 @@ import numpy as np
 import torch
 import yaml
 
+from policylab import fields as F
 from policylab import models, registry
 from policylab.config import Recipe, load_recipe, recipe_to_dict
-from policylab.rollout.hf import SamplingSettings
+from policylab.interfaces import LogitsTransform, Sampling
 from policylab.rollouts import PolicyOutputs, Rollouts
 from policylab.sampling.dynamic import NotEnoughInformativeGroups, collect_informative_groups
 from policylab.tasks import Task
 from policylab.train import checkpoint
-from policylab.train.components import Components, build_components, hook, needs_reference
+from policylab.train.components import Components, build_components, hook
 from policylab.train.context import TrainContext
-from policylab.train.forward import policy_forward, trim
+from policylab.models.forward import policy_forward, trim
 from policylab.train.logging import RunLogger, batch_metrics, peak_memory_mib
 from policylab.train.update import NonFiniteStep, micro_batch_order, update_on_batch
 
@@ -76,7 +75,7 @@ class Trainer:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
         self.ref_model = None
-        if any(needs_reference(c) for _, c in self.parts.all()):
+        if self.parts.plan.needs_reference_model:
             self.ref_model, _ = models.load(m.name, m.dtype, self.device, tiny=m.tiny, seed=recipe.train.seed)
             self.ref_model.eval().requires_grad_(False)
         opt = recipe.optimizer
@@ -86,9 +85,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         self.update_generator = torch.Generator().manual_seed(recipe.train.seed + 1)
         r = recipe.rollout
-        self.sampling = SamplingSettings(r.group_size, r.temperature, r.top_p, r.top_k, r.max_new_tokens, r.generation_batch_size)
-        self.ctx = TrainContext(self.model, self.tokenizer, self.ref_model, self.device, config=recipe,
-                                score=self.score, generate=self.generate_for, extras={"reward": self.parts.rewards})
+        self.sampling = Sampling(r.group_size, r.temperature, r.top_p, r.top_k, r.max_new_tokens, r.generation_batch_size)
+        self.parts.engine.bind(self.model, self.tokenizer)
+        self.ctx = TrainContext(policy=self.model, tokenizer=self.tokenizer, reference=self.ref_model, device=self.device,
+                                temperature=self._temperature(), reward=self.parts.rewards, score=self.score,
+                                generate=self.generate_for)
         self.logger = RunLogger(self.run_dir, progress=recipe.train.progress, total_steps=recipe.train.steps)
         if resume:
             self._resume()
@@ -128,8 +129,15 @@ class Trainer:
         return PolicyOutputs(logp=logp * mask, entropy=entropy * mask, hidden=hidden)
 
     def generate_for(self, rows: list[dict], **overrides) -> Rollouts:
-        settings = SamplingSettings(**{**self.sampling.__dict__, **overrides})
-        return self.parts.engine.generate(self.model, self.tokenizer, rows, settings)
+        settings = Sampling(**{**self.sampling.__dict__, **overrides})
+        return self.parts.engine.generate(rows, settings)
+
+    def sampling_transforms(self) -> tuple[LogitsTransform, ...]:
+        """Components' engine-neutral changes to the next generation's distribution (HAPO's temperature)."""
+        out: list[LogitsTransform] = []
+        for _, c in self.parts.with_hook("sampling_transforms"):
+            out += list(hook(c, "sampling_transforms")() or ())
+        return tuple(out)
 
     def _share_prompts(self) -> bool:
         cfg = self.recipe.train
@@ -157,9 +165,8 @@ class Trainer:
         indices = self.parts.sampler.next_batch(n_prompts)
         rows = [self.task.train[i] for i in indices]
         t0 = time.perf_counter()
-        processors = [p for _, c in self.parts.with_hook("logits_processor") if (p := hook(c, "logits_processor")()) is not None]
-        batch = self.parts.engine.generate(self.model, self.tokenizer, rows, self.sampling, group_offset=group_offset,
-                                           logits_processors=processors)
+        sampling = Sampling(**{**self.sampling.__dict__, "transforms": self.sampling_transforms()})
+        batch = self.parts.engine.generate(rows, sampling, group_offset=group_offset)
         metrics["time/generate_s"] = metrics.get("time/generate_s", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         metrics.update(self.score_rewards(batch))
@@ -191,12 +198,18 @@ class Trainer:
         return batch, metrics
 
     def prepare(self, batch: Rollouts) -> Rollouts:
+        """Annotators and batch transforms in the planned order (train/stages.py), then the advantage."""
         if self.recipe.algorithm.mask_truncated:
             batch.completion_mask = batch.completion_mask * (~batch.truncated)[:, None].float()
-        for _, component in self.parts.with_hook("prepare"):
-            batch = hook(component, "prepare")(batch, self.ctx)
-        if self.ref_model is not None:
-            batch.ref_logp = self.score(batch, model=self.ref_model).logp
+        for node in self.parts.plan.prepare:
+            if node.hook == "transform":
+                batch = hook(node.component, "transform")(batch, self.ctx)
+                missing = [f for f in node.provides if not _has_field(batch, f)]
+                if missing:
+                    raise TrainingError(f"{node.label} declares it provides {missing} but its transform did not set them")
+            else:
+                batch = apply_annotations(batch, hook(node.component, "annotate")(batch, self.ctx), node)
+            batch.validate(node.label)
         cfg = self.recipe.train
         if cfg.updates_per_batch > 1 or cfg.mini_batches > 1:
             # off-policy after the first optimizer step: freeze the pre-update log-probs
@@ -212,6 +225,7 @@ class Trainer:
         batch = self.prepare(batch)
         t0 = time.perf_counter()
         parts = self.parts.update
+        self.parts.engine.sleep()
         try:
             update_metrics = update_on_batch(
                 self.model, self.optimizer, self.scheduler, batch, parts, mini_batches=cfg.mini_batches,
@@ -223,6 +237,8 @@ class Trainer:
             self.bad_steps_in_row += 1
             update_metrics = {"skipped_nonfinite": 1.0}
             self.logger.warn(f"step {self.step + 1}: {err}; step skipped ({self.bad_steps_in_row} in a row)")
+        self.parts.engine.wake()
+        self.parts.engine.update_weights(self.model)
         metrics["time/update_s"] = time.perf_counter() - t0
         metrics.update(update_metrics)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
@@ -254,12 +270,12 @@ class Trainer:
         state = torch.get_rng_state()  # evaluation must not move the training sampling RNG stream
         torch.manual_seed(cfg.seed + 7919 * (self.step + 1))  # seeded per step: comparable across recipes
         out = {"eval/n": float(len(rows))}
-        runs = [("", SamplingSettings(1, 0.0, 1.0, 0, max_new, self.sampling.batch_size))]
+        runs = [("", Sampling(1, 0.0, 1.0, 0, max_new, self.sampling.batch_size))]
         if cfg.eval_samples:
             s = self.sampling
-            runs.append(("_sampled", SamplingSettings(cfg.eval_samples, s.temperature, s.top_p, s.top_k, max_new, s.batch_size)))
+            runs.append(("_sampled", Sampling(cfg.eval_samples, s.temperature, s.top_p, s.top_k, max_new, s.batch_size)))
         for suffix, settings in runs:
-            batch = self.parts.engine.generate(self.model, self.tokenizer, rows, settings)
+            batch = self.parts.engine.generate(rows, settings)
             _, components = self.parts.rewards(batch.prompts, batch.completions, batch.rows)
             out[f"eval/accuracy{suffix}"] = float(torch.nan_to_num(components["accuracy"], nan=0.0).mean())
             out[f"eval/completion_length{suffix}"] = float(batch.completion_mask.sum(-1).float().mean())
@@ -313,8 +329,31 @@ class Trainer:
                 self.logger.log_eval(self.step, self.evaluate())
             self.save()
         finally:
+            self.parts.engine.close()
             self.logger.close()
         return self.run_dir
+
+
+def _has_field(batch: Rollouts, name: str) -> bool:
+    return getattr(batch, name, None) is not None if name in F.CORE_FIELDS else name in batch.extras
+
+
+def apply_annotations(batch: Rollouts, values: dict[str, Any], node) -> Rollouts:
+    """Write an annotator's result into the batch: exactly its declared ``provides``, nothing else."""
+    values = dict(values or {})
+    undeclared = sorted(set(values) - set(node.provides))
+    missing = sorted(set(node.provides) - set(values))
+    if undeclared or missing:
+        raise TrainingError(f"{node.label} returned fields {sorted(values)} but declares provides={list(node.provides)}"
+                            + (f"; undeclared: {undeclared}" if undeclared else "") + (f"; missing: {missing}" if missing else ""))
+    extras = dict(batch.extras)
+    core = {}
+    for name, value in values.items():
+        if name in F.CORE_FIELDS:
+            core[name] = value
+        else:
+            extras[name] = value
+    return batch.with_(extras=extras, **core)
 
 
 def _as_overrides(overrides: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from policylab.rollouts import Normaliser, Rollouts
-from policylab.train.forward import policy_forward, trim
+from policylab.models.forward import policy_forward, trim
 
 
 @dataclass
