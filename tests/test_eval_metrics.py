@@ -470,11 +470,14 @@ def test_score_completions_agrees_with_sampling_and_a_plain_forward(tiny):
     entropy equals the full-vocabulary entropy of a plain forward, and the hidden states are those of the
     response tokens themselves (not shifted by one)."""
     from policylab.eval.evaluate import score_completions
-    from policylab.rollout.hf import HFEngine, SamplingSettings
+    from policylab.interfaces import Sampling
+    from policylab.rollout.hf import HFEngine
 
     model, tokenizer, rows = tiny
     torch.manual_seed(0)
-    rollouts = HFEngine().generate(model, tokenizer, rows, SamplingSettings(group_size=2, max_new_tokens=5))
+    engine = HFEngine()
+    engine.bind(model, tokenizer)
+    rollouts = engine.generate(rows, Sampling(group_size=2, max_new_tokens=5))
     scores = score_completions(model, rollouts, temperature=1.0, batch_size=4)
     mask = rollouts.completion_mask.bool()
     assert torch.allclose(scores["logp"][mask], rollouts.behavior_logp[mask], atol=1e-4)

@@ -10,7 +10,7 @@ import torch
 
 from policylab import models
 from policylab.rollouts import Rollouts
-from policylab.train.forward import completion_lengths, pack, policy_forward, trim
+from policylab.models.forward import completion_lengths, pack, policy_forward, trim
 
 PAD = 0
 
@@ -61,11 +61,13 @@ def test_packed_attention_mask_is_causal_per_segment_plus_own_prompt():
 
 def _sampled_batch(model, tok):
     from policylab.rollout.decode import PrunedDecodeEngine
-    from policylab.rollout.hf import SamplingSettings
+    from policylab.interfaces import Sampling
 
     torch.manual_seed(0)
     rows = [{"prompt": "1 + 2="}, {"prompt": "13 + 14 + 15 + 16="}, {"prompt": "7="}]
-    batch = trim(PrunedDecodeEngine().generate(model, tok, rows, SamplingSettings(group_size=3, max_new_tokens=7)))
+    engine = PrunedDecodeEngine()
+    engine.bind(model, tok)
+    batch = trim(engine.generate(rows, Sampling(group_size=3, max_new_tokens=7)))
     # the random tiny model never samples EOS: end the rows at different lengths as EOS would have
     for row, length in enumerate([7, 3, 1, 5, 0, 2, 6, 4, 7]):
         batch.completion_mask[row, length:] = 0
@@ -111,7 +113,7 @@ def test_packed_forward_of_an_all_masked_batch_still_has_a_graph():
 
 
 def test_attention_without_block_masks_falls_back_to_the_padded_forward(monkeypatch):
-    import policylab.train.forward as forward
+    import policylab.models.forward as forward
 
     model, tok = models.load("tiny")
     batch = _sampled_batch(model, tok)

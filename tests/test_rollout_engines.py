@@ -6,8 +6,14 @@ import torch
 from policylab import models
 from policylab.rollout import decode
 from policylab.rollout.decode import PrunedDecodeEngine, draw_inverse_cdf, filter_top_k_top_p
-from policylab.rollout.hf import HFEngine, SamplingSettings, completion_masks
-from policylab.train.forward import policy_forward, trim
+from policylab.interfaces import Sampling
+from policylab.models.forward import policy_forward, trim
+from policylab.rollout.hf import HFEngine, completion_masks
+
+
+def bound(engine, model, tok):
+    engine.bind(model, tok)
+    return engine
 
 
 def test_completion_mask_stops_after_first_eos_and_flags_truncation():
@@ -35,7 +41,7 @@ def test_behaviour_logprobs_match_the_training_forward(engine_cls, warm_model):
     model, tok = warm_model
     rows = [{"prompt": f"{a} + {a + 3}="} for a in range(6)]
     torch.manual_seed(0)
-    batch = engine_cls().generate(model, tok, rows, SamplingSettings(group_size=3, max_new_tokens=6, temperature=0.8, top_k=20))
+    batch = bound(engine_cls(), model, tok).generate(rows, Sampling(group_size=3, max_new_tokens=6, temperature=0.8, top_k=20))
     lengths = batch.completion_mask.sum(-1)
     assert lengths.min() < lengths.max(), "the test needs completions of different lengths"
     out = policy_forward(model, trim(batch), temperature=0.8)
@@ -47,13 +53,14 @@ def test_behaviour_logprobs_match_the_training_forward(engine_cls, warm_model):
 def test_pruned_engine_matches_transformers_generate(warm_model):
     model, tok = warm_model
     rows = [{"prompt": f"{a} + {2 * a}="} for a in range(8)]
-    greedy = SamplingSettings(group_size=1, max_new_tokens=6, temperature=0.0)
-    assert PrunedDecodeEngine().generate(model, tok, rows, greedy).completions == HFEngine().generate(model, tok, rows, greedy).completions
-    sampled = SamplingSettings(group_size=4, max_new_tokens=6, temperature=1.0)
+    greedy = Sampling(group_size=1, max_new_tokens=6, temperature=0.0)
+    pruned, hf = bound(PrunedDecodeEngine(), model, tok), bound(HFEngine(), model, tok)
+    assert pruned.generate(rows, greedy).completions == hf.generate(rows, greedy).completions
+    sampled = Sampling(group_size=4, max_new_tokens=6, temperature=1.0)
     torch.manual_seed(3)
-    a = PrunedDecodeEngine(draw="multinomial").generate(model, tok, rows, sampled)
+    a = bound(PrunedDecodeEngine(draw="multinomial"), model, tok).generate(rows, sampled)
     torch.manual_seed(3)
-    b = HFEngine().generate(model, tok, rows, sampled)
+    b = hf.generate(rows, sampled)
     # same RNG stream and same distributions: the same samples, EOS flags and masks
     assert a.completions == b.completions
     assert torch.equal(a.truncated, b.truncated)
@@ -66,7 +73,7 @@ def test_pruned_engine_prefills_each_distinct_prompt_once(warm_model):
     hook = model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
     try:
         rows = [{"prompt": "1 + 2="}, {"prompt": "13 + 14 + 15="}, {"prompt": "7 + 8="}]
-        out = PrunedDecodeEngine().generate(model, tok, rows, SamplingSettings(group_size=4, max_new_tokens=3))
+        out = bound(PrunedDecodeEngine(), model, tok).generate(rows, Sampling(group_size=4, max_new_tokens=3))
     finally:
         hook.remove()
     assert calls[0][0] == 3 and all(shape[1] == 1 for shape in calls[1:])  # one prefill row per prompt, then decode

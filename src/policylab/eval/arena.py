@@ -219,7 +219,7 @@ def prepare_start_model(spec: ArenaSpec, arena_dir: Path, log=print) -> str:
     from policylab import models
     from policylab.config import load_recipe
     from policylab.registry import build
-    from policylab.train.sft import supervised_warmup
+    from policylab.models.warmup import supervised_warmup
 
     folder = arena_dir / "start_model"
     if (folder / "config.json").exists():
@@ -245,7 +245,7 @@ def evaluate_run(run_dir: Path, spec: ArenaSpec) -> dict:
     folder) on the held-out split of the arena's task with ``spec.eval_k`` samples per prompt."""
     from policylab import models
     from policylab.config import load_recipe
-    from policylab.eval.evaluate import evaluate, primary_reward
+    from policylab.eval.evaluate import evaluate, primary_reward, recipe_engine
     from policylab.registry import build
     from policylab.train import checkpoint
 
@@ -261,8 +261,12 @@ def evaluate_run(run_dir: Path, spec: ArenaSpec) -> dict:
     if not rows:
         raise ArenaError(f"task {task.name!r} has no held-out rows to evaluate on")
     model, tokenizer = models.load(str(model_dir), recipe.model.dtype, "cuda" if _cuda() else "cpu")
-    return evaluate(model, tokenizer, rows, primary_reward(recipe), k=spec.eval_k, temperature=spec.eval_temperature,
-                    max_new_tokens=spec.eval_max_new_tokens or recipe.rollout.max_new_tokens, seed=0)
+    engine = recipe_engine(recipe, model, tokenizer)
+    try:
+        return evaluate(model, tokenizer, rows, primary_reward(recipe), k=spec.eval_k, temperature=spec.eval_temperature,
+                        max_new_tokens=spec.eval_max_new_tokens or recipe.rollout.max_new_tokens, seed=0, engine=engine)
+    finally:
+        engine.close()
 
 
 def _cuda() -> bool:

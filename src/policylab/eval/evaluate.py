@@ -54,7 +54,7 @@ def score_completions(
     """Teacher-forced pass over prompt+completion: ``logp`` [B,T] at temperature 1 (E3 confidence),
     ``entropy`` [B,T] at the sampling temperature (E4), ``hidden`` [B,T,H] last-layer states of the
     response tokens themselves (E5). Everything returned on CPU."""
-    from policylab.train.vocab import token_logp_entropy
+    from policylab.models.vocab import token_logp_entropy
 
     device = next(model.parameters()).device
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -91,15 +91,25 @@ def score_completions(
     return out
 
 
-def _sample(model, tokenizer, rows, *, group_size, temperature, top_p, top_k, max_new_tokens, batch_size, seed):
-    from policylab.rollout.hf import HFEngine, SamplingSettings
+def recipe_engine(recipe, model, tokenizer):
+    """The recipe's rollout engine (``rollout.engine`` with its parameters), bound to ``model``."""
+    from policylab import registry
 
-    settings = SamplingSettings(group_size=group_size, temperature=temperature, top_p=top_p, top_k=top_k,
-                                max_new_tokens=max_new_tokens, batch_size=batch_size)
+    spec = recipe.rollout.engine
+    engine = registry.build("rollout_engine", spec.name, spec.params, where="rollout.engine")
+    engine.bind(model, tokenizer)
+    return engine
+
+
+def _sample(engine, rows, *, group_size, temperature, top_p, top_k, max_new_tokens, batch_size, seed):
+    from policylab.interfaces import Sampling
+
+    settings = Sampling(group_size=group_size, temperature=temperature, top_p=top_p, top_k=top_k,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):  # evaluation must not shift the training run's RNG stream
         torch.manual_seed(seed)
-        return HFEngine().generate(model, tokenizer, rows, settings)
+        return engine.generate(rows, settings)
 
 
 def evaluate(
@@ -124,6 +134,7 @@ def evaluate(
     bootstrap_resamples: int = 1000,
     seed: int = 0,
     keep_samples: int = 0,
+    engine: Any = None,
 ) -> dict[str, Any]:
     """Sample ``k`` completions per held-out prompt (and one greedy completion) and compute Part E metrics.
 
@@ -132,6 +143,9 @@ def evaluate(
     (= mean sample correctness = pass@1), ``greedy_accuracy``, ``auc`` / ``auc_per_question`` and a
     thinned ``precision_coverage`` curve (E3), ``entropy/*`` (E4), ``er*`` (E5), ``length/*`` (E6), and
     ``tool/*`` (E7) when the engine recorded ``extras['num_tool_calls']``.
+
+    ``engine``: a built rollout engine bound to ``model`` (e.g. the recipe's, :func:`recipe_engine`);
+    default a fresh ``hf`` engine bound to ``model``.
     """
     rows = list(rows)
     if not rows:
@@ -144,7 +158,12 @@ def evaluate(
     if ks[0] < 1 or ks[-1] > k:
         raise ValueError(f"evaluate ks must lie in [1, k={k}], got {ks}")
 
-    rollouts = _sample(model, tokenizer, rows, group_size=k, temperature=temperature, top_p=top_p, top_k=top_k,
+    if engine is None:
+        from policylab.rollout.hf import HFEngine
+
+        engine = HFEngine()
+        engine.bind(model, tokenizer)
+    rollouts = _sample(engine, rows, group_size=k, temperature=temperature, top_p=top_p, top_k=top_k,
                        max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed)
     rewards, correct = verdicts(reward_fn, rollouts, correct_threshold)
     groups = rollouts.group.tolist()
@@ -184,7 +203,7 @@ def evaluate(
         out.update({f"tool/{key}": v for key, v in M.tool_use_stats(calls, correct).items()})
 
     if greedy:
-        greedy_rollouts = _sample(model, tokenizer, rows, group_size=1, temperature=0.0, top_p=1.0, top_k=0,
+        greedy_rollouts = _sample(engine, rows, group_size=1, temperature=0.0, top_p=1.0, top_k=0,
                                   max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed)
         _, greedy_correct = verdicts(reward_fn, greedy_rollouts, correct_threshold)
         out["greedy_accuracy"] = sum(greedy_correct) / len(greedy_correct)
@@ -291,10 +310,14 @@ def main_eval(argv: list[str]) -> int:
             raise ValueError(f"task {task.name!r} has no held-out split to evaluate on")
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         model, tokenizer = models.load(model_name, recipe.model.dtype, device, tiny=recipe.model.tiny, seed=args.seed)
-        result = evaluate(model, tokenizer, rows, primary_reward(recipe), k=args.k, temperature=args.temperature,
-                          top_p=args.top_p, max_new_tokens=args.max_new_tokens or recipe.rollout.max_new_tokens,
-                          greedy=not args.no_greedy, er_stride=args.er_stride, seed=args.seed,
-                          keep_samples=args.samples)
+        engine = recipe_engine(recipe, model, tokenizer)
+        try:
+            result = evaluate(model, tokenizer, rows, primary_reward(recipe), k=args.k, temperature=args.temperature,
+                              top_p=args.top_p, max_new_tokens=args.max_new_tokens or recipe.rollout.max_new_tokens,
+                              greedy=not args.no_greedy, er_stride=args.er_stride, seed=args.seed,
+                              keep_samples=args.samples, engine=engine)
+        finally:
+            engine.close()
     except (RecipeError, RegistryError, ValueError, OSError) as err:
         print(f"policylab eval: error: {err}", file=sys.stderr)
         return 2

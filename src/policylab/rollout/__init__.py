@@ -1,1 +1,2 @@
-"""Generation engines behind one interface: ``engine.generate(model, tokenizer, rows, settings) -> Rollouts``."""
+"""Generation engines behind one interface (policylab.interfaces.RolloutEngine): ``engine.bind(model, tokenizer)``
+once, then ``engine.generate(requests, sampling, *, group_offset=0) -> Rollouts``."""

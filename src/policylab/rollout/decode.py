@@ -6,16 +6,20 @@ distributions most of a late decode step is padding. The G rows of a prompt also
 (its keys/values are computed once and repeated; ~2 s of a 4x8 SmolLM2 step on this CPU). Same
 sampling semantics as the ``hf`` engine (temperature, top-k, top-p, EOS; behaviour log-probs of the
 tempered distribution before top-k/top-p truncation, as the hf engine records them and as the
-training forward computes them).
+training forward computes them), the same requests (task rows or chat ``messages``) and the same
+engine-neutral ``sampling.transforms``, applied to the raw logits before the temperature.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from transformers import DynamicCache
 
+from policylab.algo.logits_transforms import apply_transforms
 from policylab.registry import register
-from policylab.rollout.hf import HFEngine, SamplingSettings, eos_token_ids
+from policylab.rollout.hf import TEMPERATURE_FACTOR, HFEngine, Sampling, eos_token_ids, mean_factor
 from policylab.rollouts import Rollouts
 
 
@@ -61,7 +65,9 @@ class PrunedDecodeEngine(HFEngine):
     seeded run reproduces the ``hf`` engine token for token). Both sample the same distribution.
     """
 
-    def __init__(self, draw: str = "inverse_cdf"):
+    name = "hf_pruned"
+
+    def __init__(self, draw: Literal["inverse_cdf", "multinomial"] = "inverse_cdf"):
         super().__init__()
         draws = {"inverse_cdf": draw_inverse_cdf, "multinomial": draw_multinomial}
         if draw not in draws:
@@ -69,7 +75,7 @@ class PrunedDecodeEngine(HFEngine):
         self.draw = draws[draw]
 
     @torch.no_grad()
-    def _generate_chunk(self, model, tokenizer, prompts: list[str], s: SamplingSettings, extra_processors: list) -> Rollouts:
+    def _generate_chunk(self, model, tokenizer, prompts: list[str], s: Sampling) -> Rollouts:
         device = next(model.parameters()).device
         # the G rows of a prompt share its prefill: each distinct prompt runs once, its cache is repeated
         slot = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
@@ -92,10 +98,10 @@ class PrunedDecodeEngine(HFEngine):
         batch = len(prompts)
         tokens = torch.full((batch, s.max_new_tokens), pad, dtype=torch.long, device=device)
         logps = torch.zeros(batch, s.max_new_tokens, device=device)
+        factors = torch.ones(batch, s.max_new_tokens, device=device)
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         finished_with_eos = torch.zeros(batch, dtype=torch.bool, device=device)
         active = torch.arange(batch, device=device)  # original row of each cache row
-        sequences = prompt_ids  # running ids of active rows, for processors that read the context
         next_pos = positions[:, -1] + 1
         for t in range(s.max_new_tokens):
             scores = logits.float()
@@ -103,8 +109,9 @@ class PrunedDecodeEngine(HFEngine):
                 chosen = scores.argmax(-1)
                 logp = torch.log_softmax(scores, -1).gather(-1, chosen[:, None]).squeeze(-1)
             else:
-                for processor in extra_processors:
-                    scores = processor(sequences, scores)
+                if s.transforms:  # engine-neutral transforms of the raw logits, ahead of the temperature
+                    scores, factor = apply_transforms(scores, s.transforms, self.name)
+                    factors[active, t] = factor
                 scores = scores / s.temperature
                 filtered = filter_top_k_top_p(scores, s.top_k, s.top_p)
                 chosen = self.draw(torch.softmax(filtered, -1))
@@ -122,9 +129,7 @@ class PrunedDecodeEngine(HFEngine):
             if keep.numel() < active.numel():
                 cache.batch_select_indices(keep)
                 active, attention, chosen, next_pos = active[keep], attention[keep], chosen[keep], next_pos[keep]
-                sequences = sequences[keep]
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            sequences = torch.cat([sequences, chosen[:, None]], dim=1)
             logits = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=next_pos[:, None],
                            past_key_values=cache, use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
@@ -137,6 +142,7 @@ class PrunedDecodeEngine(HFEngine):
             prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(), completion_ids=completion_ids.cpu(),
             completion_mask=mask.cpu(), group=torch.zeros(batch, dtype=torch.long), truncated=(~finished_with_eos).cpu(),
             prompts=prompts, completions=texts, behavior_logp=(logps[:, :width] * mask).cpu(),
+            extras={TEMPERATURE_FACTOR.name: mean_factor(factors[:, :width].cpu(), mask.cpu())},
         )
 
 
