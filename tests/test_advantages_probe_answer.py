@@ -1,22 +1,24 @@
-"""SPAE (advantages_rewards.md B12) and GRPO-VPS (B13): spec numbers, probe alignment, edge cases."""
+"""SPAE (arXiv:2601.03823) and GRPO-VPS (arXiv:2604.20659): spec numbers, probe alignment, edge cases."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from policylab.algo.advantages import grpo_advantage
-from policylab.algo.advantages_probe.answer_probe import (
+from policylab.algo.advantages.group_baselines import grpo_advantage
+from policylab.algo.advantages.probe_credit import (
     NO_SEGMENT,
-    GRPOVPSAdvantage,
-    SPAEAdvantage,
     spae_potential,
     spae_step_terms,
     spae_token_advantages,
     vps_token_advantages,
 )
+from policylab.annotate.answer_probes import GRPOVPSAdvantage, SPAEAdvantage
+from policylab.config import load_recipe
+from policylab.train.components import build_components
 from test_advantages_probe_common import (
     CharTokenizer,
+    annotated,
     make_ctx,
     make_rollouts,
     manual_answer_logp,
@@ -53,7 +55,7 @@ def test_spae_tail_and_answer_tokens():
 def test_spae_t3_no_boundary_gives_outcome_advantage():
     r = make_rollouts(["Q: 1+1?"] * 2, ["2", "3"], [0, 0], rewards=[1.0, 0.0], rows=[{"answer": "2"}] * 2)
     spae = SPAEAdvantage(confidence="teacher_forced")
-    r = spae.prepare(r, make_ctx(tiny_model()))
+    r = annotated(spae, r, make_ctx(tiny_model()))
     out = spae(r)
     torch.testing.assert_close(out, grpo_advantage(r)[:, None] * r.completion_mask)
 
@@ -65,7 +67,7 @@ def test_spae_probe_matches_unpadded_teacher_forcing():
     answers = ["4", "17"]
     r = make_rollouts(prompts, comps, [0, 1], rewards=[1.0, 0.0], rows=[{"answer": a} for a in answers])
     spae = SPAEAdvantage(confidence="teacher_forced", template="=")
-    r = spae.prepare(r, make_ctx(model))
+    r = annotated(spae, r, make_ctx(model))
     assert r.extras["spae_num_steps"].tolist() == [2, 1]
     for i, (p, c, a) in enumerate(zip(prompts, comps, answers)):
         ends = [j + 1 for j in range(len(c)) if c[: j + 1].endswith(".\n\n")]
@@ -84,20 +86,20 @@ def test_spae_sampled_confidence_is_seeded_and_resumable():
     r = make_rollouts(["Q?"] * 2, ["a.\n\nb.\n\n", "c.\n\n"], [0, 0], rewards=[1.0, 0.0], rows=[{"answer": "7"}] * 2)
     first = SPAEAdvantage(num_probe_samples=2, probe_max_tokens=3, seed=5)
     state = first.state_dict()
-    a = first.prepare(r, make_ctx(model)).extras["spae_potential"]
+    a = first.annotate(r, make_ctx(model))["spae_potential"]
     second = SPAEAdvantage(num_probe_samples=2, probe_max_tokens=3, seed=99)
     second.load_state_dict(state)
-    b = second.prepare(r, make_ctx(model)).extras["spae_potential"]
+    b = second.annotate(r, make_ctx(model))["spae_potential"]
     torch.testing.assert_close(a, b, equal_nan=True)
     assert not torch.isnan(a[0, :2]).any()
 
 
-def test_spae_requires_prepare_and_context():
+def test_spae_requires_annotate_and_context():
     r = make_rollouts(["Q?"], ["a"], [0], rewards=[1.0])
-    with pytest.raises(ValueError, match="prepare"):
+    with pytest.raises(ValueError, match="annotate"):
         SPAEAdvantage()(r)
-    with pytest.raises(ValueError, match="ctx.model"):
-        SPAEAdvantage().prepare(r, make_ctx(None))
+    with pytest.raises(ValueError, match="ctx.policy"):
+        SPAEAdvantage().annotate(r, make_ctx(None))
     with pytest.raises(ValueError, match="confidence"):
         SPAEAdvantage(confidence="magic")
 
@@ -123,7 +125,7 @@ def test_vps_t2_answer_probability_excludes_template_tokens():
     model, tok = tiny_model(seed=3), CharTokenizer()
     prompt, comp, answer, template = "Q: 3+4?", "3+4\n\nis 7\n\n", "7", " ans:"
     r = make_rollouts([prompt], [comp], [0], rewards=[1.0], rows=[{"answer": answer}])
-    r = GRPOVPSAdvantage(template=template).prepare(r, make_ctx(model))
+    r = annotated(GRPOVPSAdvantage(template=template), r, make_ctx(model))
     probs = r.extras["vps_answer_prob"][0]
     cuts = [0, comp.index("\n\n") + 2, len(comp)]
     for k, cut in enumerate(cuts):
@@ -137,7 +139,7 @@ def test_vps_t2_answer_probability_excludes_template_tokens():
 def test_vps_t3_no_steps_equals_grpo():
     r = make_rollouts(["Q?"] * 3, ["1", "2", "3"], [0, 0, 0], rewards=[1.0, 0.0, 0.0], rows=[{"answer": "1"}] * 3)
     vps = GRPOVPSAdvantage()
-    r = vps.prepare(r, make_ctx(tiny_model()))
+    r = annotated(vps, r, make_ctx(tiny_model()))
     assert torch.equal(vps(r), grpo_advantage(r)[:, None] * r.completion_mask)
 
 
@@ -161,8 +163,21 @@ def test_vps_end_to_end_shapes_and_no_nan():
     r = make_rollouts(["Q: 3+4?"] * 2, ["3+4\n\nis 7\n\n7", "no\n\n8"], [0, 0], rewards=[1.0, 0.0],
                       rows=[{"answer": "7"}] * 2)
     vps = GRPOVPSAdvantage()
-    r = vps.prepare(r, make_ctx(tiny_model()))
+    r = annotated(vps, r, make_ctx(tiny_model()))
     out = vps(r)
     assert out.shape == r.completion_mask.shape and not torch.isnan(out).any()
     assert out[0, -1] == pytest.approx(float(grpo_advantage(r)[0]))  # final answer token keeps A_i
     assert set(vps.metrics) == {"vps/delta_correct", "vps/delta_incorrect", "vps/negative_step_share"}
+
+
+# -- declarations --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls,recipe", [(SPAEAdvantage, "spae"), (GRPOVPSAdvantage, "grpo_vps")])
+def test_declarations_hold_and_recipe_chains(cls, recipe):
+    component = cls(confidence="teacher_forced") if cls is SPAEAdvantage else cls()
+    r = make_rollouts(["Q?"] * 2, ["a.\n\nb.\n\n", "c"], [0, 0], rewards=[1.0, 0.0], rows=[{"answer": "7"}] * 2)
+    annotated(component, r, make_ctx(tiny_model()))  # returns exactly its provides, values fit their declarations
+    assert set(component.provides) <= set(component.requires())  # __call__ reads them: the property tests fill them
+    parts = build_components(load_recipe(recipe))
+    assert [n.provides for n in parts.plan.prepare if n.where == "algorithm.advantage"] == [cls.provides]

@@ -1,18 +1,17 @@
-"""BRPO budgeted advantages (advantages_rewards.md B19)."""
+"""BRPO budgeted advantages (arXiv:2505.13438)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from policylab.algo.advantages_probe.budget import (
-    BRPOAdvantage,
-    brpo_summary_advantages,
-    brpo_think_advantages,
-    budget_weights,
-)
-from policylab.config import Recipe
-from test_advantages_probe_common import make_ctx, make_rollouts, tiny_model
+from policylab.algo.advantages.budget import brpo_summary_advantages, brpo_think_advantages, budget_weights
+from policylab.annotate.summaries import BRPOAdvantage
+from policylab.config import load_recipe
+from policylab.rewards.combine import RewardCombiner
+from policylab.testing import make_context
+from policylab.train.components import build_components
+from test_advantages_probe_common import CharTokenizer, make_ctx, make_rollouts, tiny_model
 
 
 def test_brpo_t1_thinking_advantages():
@@ -59,12 +58,14 @@ class FixedRewards:
         return total, {"numeric_answer": total, "accuracy": (total > 0.5).float()}
 
 
-def test_brpo_prepare_maps_segments_and_appends_summaries():
+def test_brpo_transform_maps_segments_and_appends_summaries():
     r = make_rollouts(["Q: 1+1?"] * 2, ["abcd", "efgh"], [0, 0], rewards=[1.0, 1.0], rows=[{"answer": "2"}] * 2)
     r.behavior_logp = torch.full((2, 4), -1.0)
+    r.reward_components = {"numeric_answer": r.rewards.clone(), "accuracy": r.rewards.clone()}
     brpo = BRPOAdvantage(num_budgets=2, max_budget=4, summary_max_tokens=3)
-    brpo._combiner = FixedRewards([0.0, 1.0, 1.0, 1.0])  # (trace, budget) order: r = [[0,1],[1,1]]
-    out = brpo.prepare(r, make_ctx(tiny_model()))
+    ctx = make_ctx(tiny_model(), reward=FixedRewards([0.0, 1.0, 1.0, 1.0]))  # (trace, budget): r = [[0,1],[1,1]]
+    out = brpo.transform(r, ctx)
+    out.validate("brpo")
     assert out.batch_size == 2 + 4
     assert out.extras["brpo_is_summary"].tolist() == [False, False, True, True, True, True]
     adv = brpo(out)
@@ -78,15 +79,25 @@ def test_brpo_prepare_maps_segments_and_appends_summaries():
 
 
 def test_brpo_end_to_end_with_recipe_rewards_and_resume():
-    ctx = make_ctx(tiny_model())
-    ctx.config = Recipe()
+    recipe = load_recipe("brpo")
+    ctx = make_context(tiny_model(), CharTokenizer(), reward=RewardCombiner(recipe.rewards))
     r = make_rollouts(["Q: 1+1?"] * 2, ["1+1=2", "3"], [0, 0], rewards=[1.0, 0.0], rows=[{"answer": "2"}] * 2)
+    r.extras["max_new_tokens"] = 5
     first = BRPOAdvantage(num_budgets=2, summary_max_tokens=2, train_summaries=False, seed=3)
     state = first.state_dict()
-    a = first.prepare(r, ctx)
+    a = first.transform(r, ctx)
     second = BRPOAdvantage(num_budgets=2, summary_max_tokens=2, train_summaries=False)
     second.load_state_dict(state)
-    b = second.prepare(r, ctx)
+    b = second.transform(r, ctx)
     assert a.batch_size == 2 and torch.equal(first(a), second(b))
-    with pytest.raises(ValueError, match="prepare"):
+    assert set(first.metrics) == {"brpo/acc_budget_0", "brpo/acc_budget_1"}
+    with pytest.raises(ValueError, match="transform"):
         BRPOAdvantage()(r)
+
+
+def test_brpo_declarations_and_recipe_chain():
+    brpo = BRPOAdvantage()
+    assert {"brpo_adv", "max_new_tokens"} <= set(brpo.requires)  # __call__ reads brpo_adv; the budget split reads max_new_tokens
+    parts = build_components(load_recipe("brpo"))
+    assert [(n.hook, n.provides) for n in parts.plan.prepare if n.where == "algorithm.advantage"] == \
+        [("transform", BRPOAdvantage.provides)]

@@ -1,26 +1,21 @@
-"""Helpers shared by the probe-family tests (fake tokenizer, tiny model, hand-built Rollouts) and tests of
-policylab.algo.advantages_probe.common."""
+"""Helpers shared by the probe-family tests (fake tokenizer, tiny model, text Rollouts, a StageContext) and
+tests of the shared pieces: step segmentation, probe token batches, sampled continuations, correctness."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from policylab.algo.advantages_probe.common import (
-    BaseAdvantage,
-    completion_forward,
-    corrupt_prompts,
-    correctness,
-    group_rank,
-    pad_left,
-    segment_ends,
-    segment_of_tokens,
-    stop_position,
-    zero_failed,
-)
+from policylab import testing
+from policylab.algo.advantages.base_advantage import BaseAdvantage
+from policylab.algo.advantages.probe_credit import segment_ends, segment_of_tokens, stop_position
+from policylab.algo.group_stats import correctness, group_rank, zero_failed
+from policylab.annotate.continuations import sample_continuations
+from policylab.annotate.prompt_perturbation import corrupt_prompts
+from policylab.annotate.token_batches import pad_left, score_pairs
+from policylab.interfaces import declared
 from policylab.registry import RegistryError
 from policylab.rollouts import Rollouts
-from policylab.train.context import TrainContext
 
 
 class CharTokenizer:
@@ -40,34 +35,36 @@ class CharTokenizer:
 
 
 def tiny_model(seed: int = 0, hidden: int = 32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval()
+    return testing.tiny_model(seed=seed, vocab=128, hidden=hidden)
 
 
 def make_rollouts(prompts, completions, group, rewards=None, rows=None, tokenizer=None) -> Rollouts:
+    """Text rollouts through :func:`policylab.testing.make_rollouts`, tokenised one id per character."""
     tok = tokenizer or CharTokenizer()
     p_ids, p_mask = pad_left([tok.encode(p) for p in prompts], tok.pad_token_id)
     cs = [tok.encode(c) for c in completions]
     width = max(1, max(len(c) for c in cs))
     c_ids = torch.zeros(len(cs), width, dtype=torch.long)
-    c_mask = torch.zeros(len(cs), width)
     for i, c in enumerate(cs):
         c_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-        c_mask[i, : len(c)] = 1
-    return Rollouts(
-        prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask,
-        group=torch.tensor(group), truncated=torch.zeros(len(cs), dtype=torch.bool),
-        prompts=list(prompts), completions=list(completions), rows=rows or [{} for _ in cs],
-        rewards=None if rewards is None else torch.tensor(rewards, dtype=torch.float32),
-    )
+    return testing.make_rollouts(rewards, group=list(group), lengths=[len(c) for c in cs], width=width,
+                                 completion_ids=c_ids, prompt_ids=p_ids, prompt_mask=p_mask, prompts=list(prompts),
+                                 completions=list(completions), rows=rows or [{} for _ in cs])
 
 
-def make_ctx(model=None, tokenizer=None, step=0, ref_model=None) -> TrainContext:
-    return TrainContext(model=model, tokenizer=tokenizer or CharTokenizer(), ref_model=ref_model, device="cpu", step=step)
+def make_ctx(model=None, tokenizer=None, step=0, ref_model=None, reward=None, engine=None):
+    """A StageContext over ``model`` (:func:`policylab.testing.make_context`), CharTokenizer by default."""
+    return testing.make_context(model, tokenizer or CharTokenizer(), reference=ref_model, step=step, reward=reward,
+                                engine=engine)
+
+
+def annotated(component, rollouts: Rollouts, ctx) -> Rollouts:
+    """Run ``component.annotate`` as the loop does: it must return exactly its declared ``provides``."""
+    values = component.annotate(rollouts, ctx)
+    assert set(values) == set(declared(component, "provides")), (sorted(values), declared(component, "provides"))
+    out = rollouts.with_(extras={**rollouts.extras, **values})
+    out.validate(type(component).__name__)
+    return out
 
 
 def manual_answer_scores(model, tokenizer, context: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +87,22 @@ def manual_answer_logp(model, tokenizer, context: str, answer: str) -> torch.Ten
     return manual_answer_scores(model, tokenizer, context, answer)[0]
 
 
-# -- tests of common.py ---------------------------------------------------------------------------------
+def completion_forward(model, prompt_ids, prompt_mask, completion_ids) -> dict[str, torch.Tensor]:
+    """Reference teacher-forced pass for tests: {"logp", "entropy"} [N,T] of the completion tokens after
+    left-padded prompts, one unpadded forward per row (no library helper involved)."""
+    logps, entropies = [], []
+    for i in range(completion_ids.shape[0]):
+        prompt = prompt_ids[i][prompt_mask[i] > 0].tolist()
+        ids = torch.tensor([prompt + completion_ids[i].tolist()])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        rows = logp[len(prompt) - 1 : len(prompt) - 1 + completion_ids.shape[1]]
+        logps.append(rows.gather(-1, completion_ids[i][:, None]).squeeze(-1))
+        entropies.append(-(rows.exp() * rows).sum(-1))
+    return {"logp": torch.stack(logps), "entropy": torch.stack(entropies)}
+
+
+# -- tests of the shared pieces ---------------------------------------------------------------------------
 
 
 def test_segment_ends_on_token_boundaries_and_stop_marker():
@@ -113,18 +125,17 @@ def test_segment_of_tokens():
     assert segment_of_tokens([], 3).tolist() == [0, 0, 0]
 
 
-def test_completion_forward_left_padding_matches_unpadded_pass():
+def test_score_pairs_left_padding_matches_unpadded_pass():
     model = tiny_model()
     prompts = [[5, 6, 7, 8], [9, 10]]
-    completion = torch.tensor([[20, 21, 22], [23, 24, 25]])
-    p_ids, p_mask = pad_left(prompts, 0)
-    out = completion_forward(model, p_ids, p_mask, completion)
-    for i, p in enumerate(prompts):
-        ids = torch.tensor([p + completion[i].tolist()])
+    completions = [[20, 21, 22], [23, 24]]
+    out = score_pairs(make_ctx(model), prompts, completions, 0)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
         with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-        want = torch.stack([logp[len(p) - 1 + t, completion[i, t]] for t in range(3)])
-        torch.testing.assert_close(out["logp"][i].detach(), want, atol=1e-5, rtol=0)
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0].float(), -1)
+        want = torch.stack([logp[len(p) - 1 + t, c[t]] for t in range(len(c))])
+        torch.testing.assert_close(out[i]["logp"], want, atol=1e-5, rtol=0)
+        assert out[i]["entropy"].shape == (len(c),)
 
 
 def test_corrupt_prompts_masks_only_real_unprotected_tokens():
@@ -147,8 +158,9 @@ def test_group_rank_noncontiguous():
 def test_correctness_prefers_accuracy_component_and_nan_is_wrong():
     r = make_rollouts(["p"] * 3, ["a", "b", "c"], [0, 0, 0], rewards=[1.0, float("nan"), 0.0])
     assert correctness(r).tolist() == [1.0, 0.0, 0.0]
-    r.reward_components["accuracy"] = torch.tensor([0.0, 1.0, 1.0])
-    assert correctness(r).tolist() == [0.0, 1.0, 1.0]
+    assert correctness(r, threshold=1.0).tolist() == [0.0, 0.0, 0.0]
+    r.reward_components["accuracy"] = torch.tensor([0.0, 1.0, float("nan")])
+    assert correctness(r).tolist() == [0.0, 1.0, 0.0]
 
 
 def test_base_advantage_unknown_name_is_a_clear_error():
@@ -163,8 +175,6 @@ def test_zero_failed_zeroes_nan_rows():
 
 
 def test_sample_continuations_cache_matches_full_recompute_and_is_seeded():
-    from policylab.algo.advantages_probe.common import sample_continuations
-
     model = tiny_model()
     contexts = [[5, 6, 7], [8]]
     kw = dict(num_samples=2, max_new_tokens=4, temperature=0.7, eos_id=None, pad_id=0)

@@ -1,25 +1,17 @@
-"""CAPO credit (advantages_rewards.md B23) and the step judges it shares with FAPO."""
+"""CAPO credit (arXiv:2508.02298) and the step judges it shares with FAPO."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from policylab.algo.advantages_probe.credit import (
-    CAPOCreditAdvantage,
-    capo_token_rewards,
-    token_group_normalise,
-    token_step_index,
-    vote,
-)
-from policylab.algo.advantages_probe.step_judges import (
-    PolicyCritic,
-    arithmetic_step_judge,
-    first_flawed_step,
-    parse_critique,
-    resolve_judge,
-)
-from test_advantages_probe_common import CharTokenizer, make_ctx, make_rollouts, tiny_model
+from policylab import testing
+from policylab.algo.advantages.probe_credit import capo_token_rewards, token_group_normalise, token_step_index, vote
+from policylab.annotate.step_credit import CAPOCreditAdvantage, PolicyCritic
+from policylab.config import load_recipe
+from policylab.rewards.judges.steps import arithmetic_step_judge, critique_prompt, first_flawed_step, parse_critique, resolve_judge
+from policylab.train.components import build_components
+from test_advantages_probe_common import annotated, make_ctx, make_rollouts
 
 
 def _verdicts(wrong, n=4):  # 1-based wrong-step sets as in the spec
@@ -69,7 +61,7 @@ def test_capo_end_to_end_with_arithmetic_judge():
     comps = ["2 + 2 = 4\n\n4 + 1 = 6\n\nso 5", "2 + 2 = 4\n\nso 4", "3 + 3 = 6\n\nso 6"]
     r = make_rollouts(["Q"] * 3, comps, [0, 0, 0], rewards=[1.0, 0.0, 0.0])
     capo = CAPOCreditAdvantage(judge="arithmetic", num_critiques=2)
-    r = capo.prepare(r, make_ctx(None))
+    r = annotated(capo, r, make_ctx(None))
     flags = r.extras["capo_step_flags"][0]
     start, end = comps[0].index("4 + 1"), comps[0].index("so 5")
     assert flags[:start].sum() == 0 and bool((flags[start:end] == 1).all()) and flags[end:].sum() == 0
@@ -88,7 +80,7 @@ def test_arithmetic_judge_and_first_flaw():
 
 def test_resolve_judge_and_parse_critique():
     assert resolve_judge("none")("", "a\n\nb") == [True, True]
-    assert resolve_judge("policylab.algo.advantages_probe.step_judges:arithmetic_step_judge")("", "1 + 1 = 3") == [False]
+    assert resolve_judge("policylab.rewards.judges.steps:arithmetic_step_judge")("", "1 + 1 = 3") == [False]
     with pytest.raises(ValueError, match="unknown judge"):
         resolve_judge("gpt")
     with pytest.raises(ValueError, match="cannot import"):
@@ -98,12 +90,35 @@ def test_resolve_judge_and_parse_critique():
     assert parse_critique("looks fine", 2) is None
 
 
-def test_policy_critic_runs_and_unparsable_output_gives_no_flags():
-    critic = PolicyCritic(tiny_model(), CharTokenizer(), max_new_tokens=4)
-    assert critic("Q", "a\n\nb") is None  # an untrained model does not write the format
+class CannedEngine:
+    """Stands in for the run's rollout engine: records the requests, answers with canned critiques."""
+
+    def __init__(self, texts):
+        self.texts, self.calls = texts, []
+
+    def generate(self, requests, sampling):
+        self.calls.append((list(requests), sampling))
+        n = len(requests) * sampling.group_size
+        return testing.make_rollouts(batch=n, completions=[self.texts[j % len(self.texts)] for j in range(n)])
+
+
+def test_policy_critic_goes_through_the_engine_and_unparsable_output_gives_no_flags():
+    engine = CannedEngine(["Wrong steps: 2", "garbage"])
+    ctx = make_ctx(None, engine=engine)
+    critiques = PolicyCritic(ctx, temperature=0.5, max_new_tokens=7).critiques(["Q"], ["a\n\nb"], k=2)
+    assert critiques == [[[True, False], None]]
+    (requests, sampling), = engine.calls
+    assert requests == [{"prompt": critique_prompt("Q", "a\n\nb")}]
+    assert (sampling.group_size, sampling.temperature, sampling.max_new_tokens) == (2, 0.5, 7)
     r = make_rollouts(["Q"] * 2, ["a\n\nb", "c"], [0, 0], rewards=[1.0, 0.0])
     capo = CAPOCreditAdvantage(judge="policy", num_critiques=1, critique_max_tokens=3)
-    r = capo.prepare(r, make_ctx(tiny_model()))
+    r = annotated(capo, r, make_ctx(None, engine=CannedEngine(["looks fine"])))
     assert r.extras["capo_step_flags"].sum() == 0
-    with pytest.raises(ValueError, match="ctx.model"):
-        CAPOCreditAdvantage(judge="policy").prepare(r, make_ctx(None))
+    flagged = annotated(capo, r, make_ctx(None, engine=CannedEngine(["Wrong steps: 2"])))
+    assert flagged.extras["capo_flagged_steps"].tolist() == [1.0, 0.0]  # "c" has one step: 2 is out of range
+
+
+def test_capo_declarations_and_recipe_chain():
+    assert set(CAPOCreditAdvantage.provides) <= set(CAPOCreditAdvantage.requires)
+    parts = build_components(load_recipe("capo_credit"))
+    assert [n.provides for n in parts.plan.prepare if n.where == "algorithm.advantage"] == [CAPOCreditAdvantage.provides]

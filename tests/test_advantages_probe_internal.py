@@ -1,4 +1,4 @@
-"""POISE (advantages_rewards.md B14) and VERL effective-rank shaping (B15)."""
+"""POISE (arXiv:2605.07579) and VERL effective-rank shaping (arXiv:2509.23808)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import math
 import pytest
 import torch
 
-from policylab.algo.advantages import grpo_advantage
-from policylab.algo.advantages_probe.internal_state import (
-    POISEAdvantage,
-    VERLAdvantage,
+from policylab.algo.advantages.group_baselines import grpo_advantage
+from policylab.algo.advantages.hidden_state_critics import (
     cross_rollout_baseline,
     effective_rank,
     entropy_features,
@@ -20,7 +18,10 @@ from policylab.algo.advantages_probe.internal_state import (
     verl_aux,
     verl_shape,
 )
-from test_advantages_probe_common import make_ctx, make_rollouts, tiny_model
+from policylab.annotate.internal_state import POISEAdvantage, VERLAdvantage, prompt_and_completion_states
+from policylab.config import load_recipe
+from policylab.train.components import build_components
+from test_advantages_probe_common import CharTokenizer, annotated, make_ctx, make_rollouts, tiny_model
 
 # -- POISE ---------------------------------------------------------------------------------------------
 
@@ -98,7 +99,7 @@ def test_poise_nan_reward_and_edge_cases():
     assert entropy_features(torch.zeros(1, 3), torch.zeros(1, 3)).tolist() == [[0.0] * 5]
     with pytest.raises(ValueError, match="reward_type"):
         POISEAdvantage(reward_type="ordinal")
-    with pytest.raises(ValueError, match="prepare"):
+    with pytest.raises(ValueError, match="annotate"):
         POISEAdvantage()(make_rollouts(["p"], ["a"], [0], rewards=[1.0]))
 
 
@@ -107,13 +108,39 @@ def test_poise_entropy_features_values():
     assert f[0].tolist() == pytest.approx([2.0, 1.0, 3.0, 1.0, math.log(2)])
 
 
-def test_poise_prepare_features_from_tiny_model():
+def test_poise_annotate_features_from_tiny_model():
     r = make_rollouts(["Q: 1+1?", "Q: 2+2?"], ["2", "4!"], [0, 1], rewards=[1.0, 0.0])
     poise = POISEAdvantage()
-    r = poise.prepare(r, make_ctx(tiny_model(hidden=32)))
+    r = annotated(poise, r, make_ctx(tiny_model(hidden=32)))
     assert r.extras["poise_features"].shape == (2, 32 + 32 + 5)
     assert r.extras["poise_prompt_features"].shape == (2, 32)
     assert torch.isfinite(r.extras["poise_features"]).all()
+
+
+def _manual_states(model, prompt: str, completion: str):
+    """Last-layer states at every position and entropies predicting each completion token: one unpadded pass."""
+    tok = CharTokenizer()
+    p, c = tok.encode(prompt), tok.encode(completion)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([p + c]), output_hidden_states=True)
+    states = out.hidden_states[-1][0].float()
+    logp = torch.log_softmax(out.logits[0].float(), -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return states[: len(p)], states[len(p) - 1 : len(p) - 1 + len(c)], entropy[len(p) - 1 : len(p) - 1 + len(c)]
+
+
+def test_hidden_state_pass_matches_unpadded_forward():
+    model = tiny_model()
+    prompts, comps = ["Q: 1+1?", "Hi"], ["2", "abc"]
+    r = make_rollouts(prompts, comps, [0, 1], rewards=[1.0, 0.0])
+    p_states, p_mask, states, entropy = prompt_and_completion_states(r, make_ctx(model))
+    for i, (p, c) in enumerate(zip(prompts, comps)):
+        want_p, want_c, want_h = _manual_states(model, p, c)
+        torch.testing.assert_close(p_states[i, : len(p)], want_p, atol=1e-4, rtol=1e-4)
+        assert p_mask[i].sum() == len(p)
+        torch.testing.assert_close(states[i, : len(c)], want_c, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(entropy[i, : len(c)], want_h, atol=1e-4, rtol=1e-4)
+    assert states[0, 1:].abs().sum() == 0 and entropy[0, 1:].abs().sum() == 0  # padding stays zero
 
 
 # -- VERL ----------------------------------------------------------------------------------------------
@@ -145,7 +172,8 @@ def test_verl_t3_aux_and_shaping():
 def test_verl_baselines_first_step_no_bonus_then_ema_and_resume():
     verl = VERLAdvantage()
     r = make_rollouts(["p"] * 4, ["a"] * 4, [0, 0, 1, 1], rewards=[1.0, 0.0, 1.0, 0.0])
-    r.extras["verl_indicators"] = torch.tensor([[0.1, 1.0, 2.0], [0.3, 2.0, 4.0], [0.1, 1.0, 2.0], [0.3, 2.0, 4.0]])
+    x = torch.tensor([[0.1, 1.0, 2.0], [0.3, 2.0, 4.0], [0.1, 1.0, 2.0], [0.3, 2.0, 4.0]])
+    r.extras.update(verl_era=x[:, 0], verl_erv=x[:, 1], verl_er=x[:, 2])
     torch.testing.assert_close(verl(r), grpo_advantage(r))
     assert verl.baselines.tolist() == pytest.approx([0.2, 1.5, 3.0])
     saved = copy.deepcopy(verl.state_dict())
@@ -157,14 +185,32 @@ def test_verl_baselines_first_step_no_bonus_then_ema_and_resume():
     torch.testing.assert_close(resumed(r), out)
 
 
-def test_verl_prepare_on_tiny_model_and_sign_preserved():
+def test_verl_annotate_on_tiny_model_and_sign_preserved():
     r = make_rollouts(["Q?"] * 4, ["abcdefgh", "abab", "x", "hello world"], [0, 0, 1, 1], rewards=[1.0, 0.0, 0.0, 1.0])
     verl = VERLAdvantage(diff_stride=2)
-    r = verl.prepare(r, make_ctx(tiny_model()))
-    x = r.extras["verl_indicators"]
+    r = annotated(verl, r, make_ctx(tiny_model()))
+    x = torch.stack([r.extras[k] for k in ("verl_era", "verl_erv", "verl_er")], dim=-1)
     assert x.shape == (4, 3) and torch.isfinite(x).all()
     assert x[2].tolist() == [0.0, 0.0, 0.0]  # one token: no rank, no dynamics
     verl(r)
     out = verl(r)
     base = grpo_advantage(r)
     assert torch.all(torch.sign(out) == torch.sign(base)) and not torch.isnan(out).any()
+
+
+def test_verl_indicators_from_the_unpadded_states():
+    model = tiny_model()
+    r = make_rollouts(["Q?"], ["abcdefgh"], [0], rewards=[1.0])
+    values = VERLAdvantage(diff_stride=2).annotate(r, make_ctx(model))
+    _, states, _ = _manual_states(model, "Q?", "abcdefgh")
+    want = rank_indicators(states, 2)
+    assert [float(values[k][0]) for k in ("verl_era", "verl_erv", "verl_er")] == pytest.approx(list(want), abs=1e-3)
+
+
+@pytest.mark.parametrize("cls,recipe", [(POISEAdvantage, "poise"), (VERLAdvantage, "verl_er")])
+def test_declarations_and_recipe_chain(cls, recipe):
+    component = cls()
+    requires = component.requires() if callable(component.requires) else component.requires
+    assert set(component.provides) <= set(requires)
+    parts = build_components(load_recipe(recipe))
+    assert [n.provides for n in parts.plan.prepare if n.where == "algorithm.advantage"] == [cls.provides]

@@ -1,4 +1,4 @@
-"""EMPO semantic-entropy rewards (advantages_rewards.md B22)."""
+"""EMPO semantic-entropy rewards (arXiv:2504.05812)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
-from policylab.algo.advantages_probe.semantic import (
-    EQUIVALENCES,
-    EMPOAdvantage,
-    cluster_answers,
-    empo_group_rewards,
-    last_boxed,
-    rouge_l_precision,
-    semantic_entropy,
-)
-from test_advantages_probe_common import make_rollouts
+from policylab.algo.advantages.semantic_entropy import cluster_answers, empo_group_rewards, rouge_l_precision, semantic_entropy
+from policylab.annotate.semantic_clusters import EQUIVALENCES, EMPOAdvantage, last_boxed
+from policylab.config import load_recipe
+from policylab.train.components import build_components
+from test_advantages_probe_common import annotated, make_rollouts
+
+
+def run(empo: EMPOAdvantage, rollouts):
+    """annotate (semantic rewards, no model needed) then the advantage, as the loop does."""
+    return empo(annotated(empo, rollouts, None))
 
 
 def test_empo_t1_spec_numbers():
@@ -26,7 +26,7 @@ def test_empo_t1_spec_numbers():
     assert r == pytest.approx([0.5, 0.5, 0.25, 0.0])
     comps = [f"so \\boxed{{{a}}}" if a else "no idea" for a in answers]
     rollouts = make_rollouts(["p"] * 4, comps, [0] * 4, rewards=[0.0] * 4)
-    adv = EMPOAdvantage(extractor="boxed", equivalence="exact")(rollouts)
+    adv = run(EMPOAdvantage(extractor="boxed", equivalence="exact"), rollouts)
     assert adv.tolist() == pytest.approx([0.783022, 0.783022, -0.261007, -1.305037], abs=1e-5)
 
 
@@ -35,7 +35,7 @@ def test_empo_t2_all_different_gives_zero():
     assert r == [0.0] * 4 and h == pytest.approx(math.log(4))
     rollouts = make_rollouts(["p"] * 3, ["1", "2", "3"], [0] * 3, rewards=[1.0, 0.0, 0.0])
     empo = EMPOAdvantage(extractor="last_number", equivalence="numeric")
-    assert empo(rollouts).tolist() == [0.0, 0.0, 0.0]
+    assert run(empo, rollouts).tolist() == [0.0, 0.0, 0.0]
     assert empo.metrics["empo/skipped_frac"] == 1.0
 
 
@@ -48,7 +48,7 @@ def test_empo_edge_cases_single_rollout_and_nan_reward():
     r, _ = empo_group_rewards(["5"], EQUIVALENCES["exact"])  # G=1: H = 0 = ln 1 -> not below -> 0
     assert r == [0.0]
     rollouts = make_rollouts(["p"] * 3, ["7", "7", "8"], [0] * 3, rewards=[1.0, float("nan"), 0.0])
-    adv = EMPOAdvantage(extractor="last_number", equivalence="numeric")(rollouts)
+    adv = run(EMPOAdvantage(extractor="last_number", equivalence="numeric"), rollouts)
     assert adv[1] == 0 and not torch.isnan(adv).any() and adv[0] > 0 > adv[2]
 
 
@@ -72,3 +72,15 @@ def test_helpers_and_bad_names():
     for kw in ({"extractor": "xml"}, {"equivalence": "fuzzy"}, {"variant": "code"}):
         with pytest.raises(ValueError):
             EMPOAdvantage(**kw)
+
+
+def test_empo_declarations_and_recipe_chain():
+    empo = EMPOAdvantage(extractor="last_number", equivalence="numeric")
+    rollouts = make_rollouts(["p"] * 2, ["7", "7"], [0, 0], rewards=[1.0, 0.0])
+    assert annotated(empo, rollouts, None).extras["empo_reward"].tolist() == [1.0, 1.0]
+    assert set(empo.metrics) >= {"empo/semantic_entropy", "empo/skipped_frac", "empo/majority_accuracy"}
+    with pytest.raises(ValueError, match="annotate"):
+        empo(rollouts)
+    assert set(EMPOAdvantage.provides) <= set(EMPOAdvantage.requires)
+    parts = build_components(load_recipe("empo"))
+    assert [n.provides for n in parts.plan.prepare if n.where == "algorithm.advantage"] == [EMPOAdvantage.provides]

@@ -1,21 +1,21 @@
-"""AEM (B16), ASPO (B17), GUI-G1 (B18), GUI-Libra (B20): spec numbers and properties."""
+"""AEM (arXiv:2605.00425), ASPO (arXiv:2508.19201), GUI-G1 (arXiv:2505.15810), GUI-Libra (arXiv:2602.22190):
+spec numbers and properties."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from policylab.algo.advantages import dr_grpo_advantage, grpo_advantage
-from policylab.algo.advantages_probe.shaping import (
+from policylab.algo.advantages.group_baselines import dr_grpo_advantage, grpo_advantage
+from policylab.algo.advantages.shaping import (
     aem_advantage,
     aem_weights,
     aspo_advantage,
     aspo_bonus,
-    difficulty_weights,
-    gui_g1_weights,
     gui_libra_advantage,
     success_adaptive_scale,
 )
+from policylab.algo.token_weights.difficulty import difficulty_weights, gui_g1_weights
 from policylab.algo.aggregate import seq_mean_token_sum_norm
 from policylab.rollouts import Normaliser, PolicyOutputs
 from test_advantages_probe_common import make_rollouts
@@ -57,9 +57,9 @@ def test_aem_singleton_and_missing_logp():
 
 
 def _aspo_rollouts():
-    r = make_rollouts(["p"] * 4, ["x" * 10] * 4, [0] * 4, rewards=[1.0, 1.0, 0.0, 0.0])
-    r.extras["first_tool_call"] = torch.tensor([1, 5, 2, -1])
-    return r
+    # first tool call at characters 1, 5 (correct rows), 2 (incorrect), none: only the order of ρ matters
+    comps = ["x<tool_call>", "xxxxx<tool_call>", "xx<tool_call>", "x" * 10]
+    return make_rollouts(["p"] * 4, comps, [0] * 4, rewards=[1.0, 1.0, 0.0, 0.0])
 
 
 def test_aspo_t1_clipped_and_t2_unclipped():
@@ -90,8 +90,7 @@ def test_aspo_text_pattern_and_no_tools_equals_base():
 
 
 def test_aspo_more_turns_rewards_more_calls():
-    r = make_rollouts(["p"] * 3, ["x"] * 3, [0] * 3, rewards=[1.0, 1.0, 0.0])
-    r.extras.update(first_tool_call=torch.tensor([0, 0, -1]), tool_calls=torch.tensor([1.0, 3.0, 0.0]))
+    r = make_rollouts(["p"] * 3, ["<tool_call>", "<tool_call>" * 3, "x"], [0] * 3, rewards=[1.0, 1.0, 0.0])
     out, base = aspo_advantage(r, preference="more_turns"), grpo_advantage(r)
     assert out[1] > base[1] and out[0] < base[0]
 
@@ -146,3 +145,15 @@ def test_gui_g1_difficulty_sources():
         difficulty_weights([{}], source="pass_rate", field="p")
     with pytest.raises(ValueError, match="source"):
         difficulty_weights([{}], source="area")
+
+
+# -- declarations ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["aem", "aspo", "gui_libra", "gui_g1"])
+def test_recipes_chain(recipe):
+    from policylab.config import load_recipe
+    from policylab.train.components import build_components
+
+    parts = build_components(load_recipe(recipe))
+    assert all(n.where != "algorithm.advantage" for n in parts.plan.prepare)  # pure: no annotate pass of its own

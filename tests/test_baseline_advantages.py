@@ -1,5 +1,6 @@
-"""Baseline advantages (advantages_rewards.md A1–A5): every numbered test, plus the edge cases of §0 and the
-contract (NaN reward = failed sample: excluded from the statistics, advantage 0; groups need not be contiguous).
+"""Group-baseline advantages (advantages_rewards.md A1–A5; policylab.algo.advantages.group_baselines): every
+numbered test, plus the edge cases of §0 and the contract (NaN reward = failed sample: excluded from the
+statistics, advantage 0; groups need not be contiguous).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.advantages import discounted_returns
-from policylab.rollouts import Rollouts
+from policylab.algo.advantages.group_baselines import discounted_returns
+from policylab.testing import make_rollouts
 
 NAN = float("nan")
 SEQUENCE_LEVEL = ("grpo", "dr_grpo", "rloo", "lite_ppo")
@@ -21,23 +22,7 @@ TOKEN_LEVEL = ("reinforce_pp", "reinforce_pp_baseline")
 
 
 def make(rewards, group=None, lengths=None, width=None, **fields):
-    b = len(rewards)
-    group = [0] * b if group is None else group
-    lengths = [1] * b if lengths is None else lengths
-    width = width or max(max(lengths), 1)
-    mask = torch.zeros(b, width)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    return Rollouts(
-        prompt_ids=torch.ones(b, 1, dtype=torch.long),
-        prompt_mask=torch.ones(b, 1),
-        completion_ids=torch.ones(b, width, dtype=torch.long),
-        completion_mask=mask,
-        group=torch.tensor(group),
-        truncated=torch.zeros(b, dtype=torch.bool),
-        rewards=torch.tensor(rewards, dtype=torch.float32),
-        **fields,
-    )
+    return make_rollouts(rewards, group=group, lengths=lengths, width=width, **fields)
 
 
 def adv(name, rollouts, **params):
@@ -261,3 +246,32 @@ def test_no_gradient_and_missing_rewards_error(name):
     r.rewards = None
     with pytest.raises(ValueError, match="rewards"):
         adv(name, r)
+
+
+# ---------------------------------------------------------------------------------------------------
+# declarations: what each estimator reads, and the recipes that use them chain
+
+
+def test_declared_requires_follow_the_kl_term():
+    from policylab.interfaces import declared
+
+    assert declared(registry.build("advantage", "grpo"), "requires") == ("rewards",)
+    assert declared(registry.build("advantage", "reinforce_pp"), "requires") == ("rewards",)
+    with_kl = registry.build("advantage", "reinforce_pp", {"kl_coef": 0.1})
+    assert set(declared(with_kl, "requires")) == {"rewards", "behavior_logp", "ref_logp"}
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "lite_ppo"])
+def test_recipes_chain(recipe):
+    from policylab.config import load_recipe
+    from policylab.train.components import build_components
+
+    build_components(load_recipe(recipe))
+
+
+def test_reinforce_pp_with_kl_in_reward_gets_the_reference_scorer():
+    from policylab.config import load_recipe
+    from policylab.train.components import build_components
+
+    parts = build_components(load_recipe("reinforce_pp", {"algorithm.advantage": {"name": "reinforce_pp", "kl_coef": 0.1}}))
+    assert parts.plan.needs_reference_model and "ref_logp" in [p for n in parts.plan.prepare for p in n.provides]

@@ -1,5 +1,6 @@
-"""Hand-computed numbers of the baseline objectives (objectives.md §1.1 PPO-clip / dual clip, §1.3 clip-higher,
-§1.4 GSPO, §1.5 CISPO) and their metrics. The shared properties (T-ONPOL etc.) are in test_objective_properties.py.
+"""Hand-computed numbers of the baseline objectives of policylab/algo/objectives/policy_gradient.py (objectives.md
+§1.1 PPO-clip / dual clip, §1.3 clip-higher, §1.4 GSPO, §1.5 CISPO) and their metrics. The shared properties
+(T-ONPOL etc.) are in test_objective_properties.py.
 """
 
 from __future__ import annotations
@@ -10,24 +11,18 @@ import pytest
 import torch
 
 from policylab import registry
-from policylab.rollouts import Normaliser, PolicyOutputs, Rollouts
+from policylab.rollouts import Normaliser, PolicyOutputs
+from policylab.testing import make_rollouts
 
 
 def make_batch(new_logp, old_logp, adv, mask=None):
-    """A batch whose policy log-probs are a leaf tensor; ``adv`` is [B] or [B,T]."""
+    """A batch (policylab.testing.make_rollouts) whose policy log-probs are a leaf tensor; ``adv`` is [B] or [B,T]."""
     new_logp = torch.as_tensor(new_logp, dtype=torch.float32)
     b, t = new_logp.shape
-    mask = torch.ones(b, t) if mask is None else torch.as_tensor(mask, dtype=torch.float32)
-    batch = Rollouts(
-        prompt_ids=torch.ones(b, 1, dtype=torch.long),
-        prompt_mask=torch.ones(b, 1),
-        completion_ids=torch.ones(b, t, dtype=torch.long),
-        completion_mask=mask,
-        group=torch.zeros(b, dtype=torch.long),
-        truncated=torch.zeros(b, dtype=torch.bool),
-        old_logp=torch.as_tensor(old_logp, dtype=torch.float32),
-        advantages=torch.as_tensor(adv, dtype=torch.float32),
-    )
+    batch = make_rollouts(lengths=[t] * b, old_logp=torch.as_tensor(old_logp, dtype=torch.float32),
+                          advantages=torch.as_tensor(adv, dtype=torch.float32))
+    if mask is not None:
+        batch.completion_mask = torch.as_tensor(mask, dtype=torch.float32)
     leaf = new_logp.clone().requires_grad_(True)
     return batch, leaf
 

@@ -1,9 +1,5 @@
-"""DAPO parts: soft overlong punishment (objectives.md §1.3) and the zero-variance group filter
-(data_agents_eval.md A1).
-
-Not here: A1's multi-round tests (B=2, G=4 filled over two generation rounds; max_num_gen_batches=1 raising on
-an all-zero dataset). They need the generation loop, which inlines dynamic sampling in Trainer.collect; they
-belong with a standalone ``policylab.train.dynamic.collect_informative_groups`` once one exists.
+"""DAPO parts: soft overlong punishment (objectives.md §1.3), the zero-variance group filter and multi-round
+dynamic sampling (data_agents_eval.md A1; policylab.sampling.filters and policylab.sampling.dynamic).
 """
 
 from __future__ import annotations
@@ -11,30 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from policylab import fields as F
 from policylab import registry
 from policylab.rewards.overlong import soft_overlong_penalty
-from policylab.rollouts import Rollouts
+from policylab.testing import make_rollouts
 
 NAN = float("nan")
 
 
 def make(rewards, group, lengths=None, width=None, **fields):
-    b = len(rewards)
-    lengths = [1] * b if lengths is None else lengths
+    lengths = [1] * len(rewards) if lengths is None else lengths
     width = width or max(lengths)
-    mask = torch.zeros(b, width)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    return Rollouts(
-        prompt_ids=torch.ones(b, 1, dtype=torch.long),
-        prompt_mask=torch.ones(b, 1),
-        completion_ids=torch.ones(b, width, dtype=torch.long),
-        completion_mask=mask,
-        group=torch.tensor(group),
-        truncated=torch.tensor([n == width for n in lengths]),
-        rewards=torch.tensor(rewards, dtype=torch.float32),
-        **fields,
-    )
+    return make_rollouts(rewards, group=group, lengths=lengths, width=width, truncated=[n == width for n in lengths], **fields)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,7 +42,7 @@ def shaping(rollouts, **params):
 
 
 def test_soft_overlong_component_with_explicit_lengths():
-    r = make([1.0, 1.0, 0.0], [0, 0, 0], extras={"completion_lengths": torch.tensor([16000, 18000, 20480])})
+    r = make([1.0, 1.0, 0.0], [0, 0, 0], lengths=[16000, 18000, 20480])
     delta, metrics = shaping(r, max_len=20480, cache_len=4096)
     assert torch.allclose(delta, torch.tensor([0.0, -0.394531, -1.0]), atol=1e-6)
     assert metrics["overlong/penalised_frac"] == pytest.approx(2 / 3)
@@ -137,15 +121,11 @@ from policylab.sampling.dynamic import NotEnoughInformativeGroups, collect_infor
 from policylab.sampling.filters import keep_nonzero_variance  # noqa: E402
 
 
-def _round(rewards_per_group, offset):
+def _round(rewards_per_group, offset, extras=None):
     g = len(rewards_per_group[0])
-    b = g * len(rewards_per_group)
-    r = Rollouts(prompt_ids=torch.ones(b, 1, dtype=torch.long), prompt_mask=torch.ones(b, 1),
-                 completion_ids=torch.ones(b, 2, dtype=torch.long), completion_mask=torch.ones(b, 2),
-                 group=torch.arange(len(rewards_per_group)).repeat_interleave(g) + offset,
-                 truncated=torch.zeros(b, dtype=torch.bool))
-    r.rewards = torch.tensor([x for grp in rewards_per_group for x in grp], dtype=torch.float32)
-    return r
+    group = (torch.arange(len(rewards_per_group)).repeat_interleave(g) + offset).tolist()
+    return make_rollouts([x for grp in rewards_per_group for x in grp], group=group, lengths=[2] * len(group),
+                         extras=extras)
 
 
 def test_a1_two_rounds_fill_exactly_b_groups_in_order():
@@ -159,3 +139,46 @@ def test_a1_two_rounds_fill_exactly_b_groups_in_order():
 def test_a1_exhausted_rounds_raise_instead_of_training_on_nothing():
     with pytest.raises(NotEnoughInformativeGroups, match="0 of 2 prompt groups"):
         collect_informative_groups(lambda i: _round([[0, 0, 0, 0], [0, 0, 0, 0]], 10 * i), keep_nonzero_variance, 2, 1)
+
+
+F.declare_field("test_dapo_row_tag", per_row=True, shape="[B]", dtype="float", owner="tests/test_dapo_parts.py",
+                doc="row index within its generation round * 10 + round index")
+F.declare_field("test_dapo_batch_tag", per_row=False, shape="scalar", owner="tests/test_dapo_parts.py",
+                doc="one value for the whole batch")
+
+
+def _tagged_round(rewards_per_group, r, *, row_tag=True):
+    b = sum(len(grp) for grp in rewards_per_group)
+    extras = {"test_dapo_batch_tag": 7}
+    if row_tag:
+        extras["test_dapo_row_tag"] = torch.arange(b, dtype=torch.float32) * 10 + r
+    batch = _round(rewards_per_group, 10 * r, extras)
+    return batch.with_(rows=[{"round": r, "row": i} for i in range(b)])
+
+
+def test_a1_merged_rounds_keep_every_row_with_its_own_extras():
+    """The old merge kept the first round's extras for the merged batch: round 0's kept rows' values (and its
+    row count) for rows of every round. Each kept row must carry its own round's, own row's value."""
+    rounds = [[[1, 1, 1, 1], [1, 0, 0, 0]], [[0, 1, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]]]
+    batch, _ = collect_informative_groups(lambda r: _tagged_round(rounds[r], r), keep_nonzero_variance, 3, 10)
+    assert torch.unique(batch.group).tolist() == [1, 10, 12] and batch.batch_size == 12
+    batch.validate("dynamic sampling")
+    expected = [row["row"] * 10 + row["round"] for row in batch.rows]
+    assert batch.extras["test_dapo_row_tag"].tolist() == expected
+    assert expected == [40, 50, 60, 70, 1, 11, 21, 31, 81, 91, 101, 111]  # rows 4-7 of round 0, 0-3 and 8-11 of round 1
+    assert batch.extras["test_dapo_batch_tag"] == 7  # equal per-batch values survive
+
+
+def test_a1_a_round_missing_a_per_row_field_is_an_error():
+    rounds = [[[1, 1, 1, 1], [1, 0, 0, 0]], [[0, 1, 0, 0], [1, 1, 0, 0]]]
+    with pytest.raises(F.FieldError, match="test_dapo_row_tag"):
+        collect_informative_groups(lambda r: _tagged_round(rounds[r], r, row_tag=r == 0), keep_nonzero_variance, 3, 10)
+
+
+def test_zero_variance_filter_declarations_and_dapo_recipe_chain():
+    from policylab.config import load_recipe
+    from policylab.interfaces import declared
+    from policylab.train.components import build_components
+
+    assert declared(registry.build("group_filter", "zero_variance"), "requires") == ("rewards", "reward_components")
+    assert build_components(load_recipe("dapo")).group_filter is not None

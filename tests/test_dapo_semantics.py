@@ -4,7 +4,8 @@ formula of objectives.md §1.3, written out here independently of the library's 
 import torch
 
 from policylab.config import load_recipe
-from policylab.rollouts import Normaliser, PolicyOutputs, Rollouts
+from policylab.rollouts import Normaliser, PolicyOutputs
+from policylab.testing import make_rollouts
 from policylab.train.components import build_components
 
 
@@ -14,9 +15,9 @@ def test_dapo_recipe_loss_equals_the_section_1_3_formula():
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])  # two groups of three
     group = torch.tensor([0, 0, 0, 1, 1, 1])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.float32)
-    batch = Rollouts(prompt_ids=torch.ones(6, 2, dtype=torch.long), prompt_mask=torch.ones(6, 2),
-                     completion_ids=torch.ones(6, 4, dtype=torch.long), completion_mask=mask, group=group,
-                     truncated=torch.zeros(6, dtype=torch.bool), rewards=rewards)
+    batch = make_rollouts(rewards.tolist(), group=group.tolist(), lengths=mask.sum(-1).long().tolist(), width=4,
+                          prompt_len=2)
+    assert torch.equal(batch.completion_mask, mask)
     batch.old_logp = -torch.rand(6, 4) - 0.5
     logp = (batch.old_logp + 0.4 * torch.randn(6, 4)).requires_grad_()
     batch.advantages = parts.advantage(batch)

@@ -1,6 +1,7 @@
-"""Helpers for the ratio-family tests (objectives.md §2), and the property every ``prepare``-using objective of
-the family must keep: after ``prepare`` on the whole rollout batch, micro-batches that split groups sum to
-the full-batch loss and gradient (T-MICRO of §0, with the group statistics computed once per rollout batch).
+"""Helpers for the ratio-family objective tests, and the property every ``annotate``-using objective of the family
+must keep: after ``annotate`` on the whole rollout batch, micro-batches that split groups sum to the full-batch
+loss and gradient (T-MICRO, with the group statistics computed once per rollout batch); plus the declarations
+check of every converted component (annotate returns its ``provides``; its recipe's components chain).
 """
 
 from __future__ import annotations
@@ -11,30 +12,44 @@ import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.advantages import grpo_advantage
-from policylab.rollouts import Normaliser, PolicyOutputs, Rollouts
+from policylab.algo.advantages.group_baselines import grpo_advantage
+from policylab.config import load_recipe
+from policylab.fields import CORE_FIELDS
+from policylab.interfaces import declared
+from policylab.rollouts import Normaliser, PolicyOutputs
+from policylab.testing import make_rollouts
+from policylab.train.components import build_components
 
 
 def make_batch(logp, old_logp=None, adv=None, *, mask=None, rewards=None, group=None, entropy=None, ids=None,
                truncated=None, extras=None):
-    """A Rollouts whose policy log-probs are returned as a leaf; everything else as given (tiny tensors)."""
+    """A Rollouts (policylab.testing.make_rollouts) whose policy log-probs are returned as a leaf; everything else
+    as given (tiny tensors). ``mask`` may have holes; the default is all ones."""
     logp = torch.as_tensor(logp, dtype=torch.float32)
     b, t = logp.shape
-    mask = torch.ones(b, t) if mask is None else torch.as_tensor(mask, dtype=torch.float32)
-    batch = Rollouts(
-        prompt_ids=torch.ones(b, 2, dtype=torch.long),
-        prompt_mask=torch.ones(b, 2),
-        completion_ids=torch.ones(b, t, dtype=torch.long) if ids is None else torch.as_tensor(ids),
-        completion_mask=mask,
-        group=torch.zeros(b, dtype=torch.long) if group is None else torch.as_tensor(group),
-        truncated=torch.zeros(b, dtype=torch.bool) if truncated is None else torch.as_tensor(truncated),
-        rewards=None if rewards is None else torch.as_tensor(rewards, dtype=torch.float32),
-        old_logp=None if old_logp is None else torch.as_tensor(old_logp, dtype=torch.float32),
-        entropy=None if entropy is None else torch.as_tensor(entropy, dtype=torch.float32),
-        advantages=None if adv is None else torch.as_tensor(adv, dtype=torch.float32),
-        extras=dict(extras or {}),
-    )
+    fields = {name: torch.as_tensor(value, dtype=torch.float32)
+              for name, value in (("old_logp", old_logp), ("entropy", entropy), ("advantages", adv)) if value is not None}
+    batch = make_rollouts(rewards, group=group, lengths=[t] * b, prompt_len=2, truncated=truncated,
+                          completion_ids=ids, extras=extras, batch=b, **fields)
+    if mask is not None:
+        batch.completion_mask = torch.as_tensor(mask, dtype=torch.float32)
     return batch, logp.clone().requires_grad_(True)
+
+
+def annotated(component, batch, ctx=None):
+    """``batch`` with the component's ``annotate`` result written in, as the loop does; checks that the hook
+    returns exactly the fields it declares in ``provides``."""
+    values = component.annotate(batch, ctx)
+    assert set(values) == set(declared(component, "provides")), f"annotate returned {sorted(values)}"
+    core = {k: v for k, v in values.items() if k in CORE_FIELDS}
+    out = batch.with_(extras={**batch.extras, **{k: v for k, v in values.items() if k not in CORE_FIELDS}}, **core)
+    out.validate("annotate")
+    return out
+
+
+def chain_builds(recipe):
+    """The recipe's components chain (every field a component requires has a provider); returns them."""
+    return build_components(load_recipe(recipe))
 
 
 def log_of(ratios):
@@ -56,18 +71,12 @@ def random_rollouts(seed=0, off_policy=0.3):
     """Six completions in two interleaved groups, varied lengths, every field a ratio objective reads."""
     gen = torch.Generator().manual_seed(seed)
     lengths, width = [6, 3, 5, 2, 4, 1], 6
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.2])
-    mask = torch.zeros(6, width)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
     logp = torch.log(torch.rand(6, width, generator=gen) * 0.85 + 0.1)
     old = (logp + off_policy * (2 * torch.rand(6, width, generator=gen) - 1)).clamp(max=0.0)
     ids = torch.randint(3, 6, (6, width), generator=gen)  # a small vocabulary, so conflicts occur
-    batch = Rollouts(
-        prompt_ids=torch.ones(6, 2, dtype=torch.long), prompt_mask=torch.ones(6, 2), completion_ids=ids,
-        completion_mask=mask, group=torch.tensor([3, 8, 3, 8, 3, 8]), truncated=torch.zeros(6, dtype=torch.bool),
-        rewards=rewards, old_logp=old, entropy=torch.rand(6, width, generator=gen) * 1.5 + 0.1,
-    )
+    batch = make_rollouts([1.0, 0.0, 0.0, 1.0, 0.5, 0.2], group=[3, 8, 3, 8, 3, 8], lengths=lengths, width=width,
+                          prompt_len=2, completion_ids=ids, old_logp=old,
+                          entropy=torch.rand(6, width, generator=gen) * 1.5 + 0.1)
     batch.advantages = grpo_advantage(batch)
     return batch, logp
 
@@ -82,10 +91,10 @@ PREPARED = {
 
 @pytest.mark.parametrize("partition", [[[0, 3, 1], [4, 2, 5]], [[0], [1, 2], [3, 4, 5]]], ids=["halves", "uneven"])
 @pytest.mark.parametrize("name", list(PREPARED))
-def test_micro_batches_after_prepare_sum_to_the_full_batch(name, partition):
+def test_micro_batches_after_annotate_sum_to_the_full_batch(name, partition):
     batch, logp = random_rollouts()
     objective = registry.build("objective", name, PREPARED[name])
-    batch = objective.prepare(batch, None)
+    batch = annotated(objective, batch)
     mask = batch.completion_mask
     norm = Normaliser.of(mask, 8.0)
     agg = registry.build("aggregate", "token-mean")
@@ -104,3 +113,42 @@ def test_micro_batches_after_prepare_sum_to_the_full_batch(name, partition):
     assert torch.allclose(full, total, atol=1e-6), f"{name}: micro-batches sum to {total}, full batch {full}"
     assert torch.allclose(g_full, grad_of(total, leaf), atol=1e-6), f"{name}: micro-batch gradients differ"
     assert g_full.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# declarations: what annotate returns is what the component provides, and the recipes' components chain
+
+ANNOTATING = {  # objective -> (params, fields it requires)
+    "dhpo": ({}, ("entropy",)),
+    "etr": ({}, ("rewards",)),
+    "gbpo": ({}, ("rewards",)),
+    "gtpo": ({}, ("rewards",)),
+    "hapo": ({}, ("entropy",)),
+}
+
+
+@pytest.mark.parametrize("name", list(ANNOTATING))
+def test_annotate_returns_exactly_what_the_objective_provides(name):
+    params, requires = ANNOTATING[name]
+    objective = registry.build("objective", name, params)
+    assert declared(objective, "requires") == requires
+    batch, _ = random_rollouts()
+    annotated(objective, batch)  # asserts the returned keys equal `provides` and the values fit their declarations
+    assert not hasattr(objective, "prepare")
+
+
+def test_constant_mixing_and_no_temperature_need_no_entropy_pass():
+    assert declared(registry.build("objective", "dhpo", {"mixing": "constant"}), "requires") == ()
+    assert declared(registry.build("objective", "dhpo", {"mixing": "constant"}), "provides") == ()
+    assert declared(registry.build("objective", "hapo", {"temperature_tau": 0.0}), "requires") == ()
+
+
+@pytest.mark.parametrize("recipe", ["dhpo", "minpro", "fiberpo", "r2vpo", "gbpo", "bpo", "mdpo", "etr", "hapo", "gtpo",
+                                    "t_ppo", "ppo_gae", "grpo", "gspo", "cispo", "dapo"])
+def test_the_recipes_components_chain(recipe):
+    parts = chain_builds(recipe)
+    planned = [node.label for node in parts.plan.prepare]
+    if recipe in ("dhpo", "hapo"):  # the entropy pass comes from the built-in annotator, before the objective
+        entropy = next(i for i, label in enumerate(planned) if "policy_entropy" in label)
+        objective = next(i for i, label in enumerate(planned) if label.startswith("algorithm.objective"))
+        assert entropy < objective

@@ -1,4 +1,4 @@
-"""GTPO (objectives.md §2.8): conflict masks, entropy filter, and the reduction to REINFORCE."""
+"""GTPO (policylab/algo/objectives/conflict_tokens.py): conflict masks, entropy filter, and the reduction to REINFORCE."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.advantages import dr_grpo_advantage
-from policylab.algo.objectives_ratio.conflict import gtpo_conflict_masks, gtpo_token_factors
+from policylab.algo.advantages.group_baselines import dr_grpo_advantage
+from policylab.algo.objectives.conflict_tokens import gtpo_conflict_masks, gtpo_token_factors
 from policylab.rollouts import PolicyOutputs
-from test_objectives_ratio_common import aggregate, grad_of, make_batch
+from test_objectives_ratio_common import aggregate, annotated, grad_of, make_batch
 
 PAD = 0
 
@@ -102,10 +102,10 @@ def test_gtpo_conflict_tokens_reweight_the_gradient():
     assert torch.allclose(g[1], torch.tensor([0.0, 0.0, 0.5 / 3, 0.0]))
 
 
-def test_gtpo_prepare_uses_whole_groups_and_survives_a_wider_batch():
+def test_gtpo_annotate_uses_whole_groups_and_survives_a_wider_batch():
     batch, leaf = gtpo_batch([[5, 7, 9], [5, 7, 8, 9]], [1.0, 0.0])
     objective = registry.build("objective", "gtpo")
-    prepared = objective.prepare(batch, None)
+    prepared = annotated(objective, batch)
     # the positive alone (a micro-batch) still carries the group's conflict factors
     alone = prepared.select([0])
     loss, _ = objective(PolicyOutputs(logp=leaf[:1, :3], entropy=alone.entropy[:, :3]),

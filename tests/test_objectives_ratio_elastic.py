@@ -1,26 +1,28 @@
-"""ETR (objectives.md §2.6) and HAPO (§2.7; advantages_rewards.md A9): the spec's numbers and property tests."""
+"""ETR and HAPO (policylab/algo/objectives/adaptive_clipping.py) and HAPO's advantage
+(policylab/algo/advantages/token_level_group.py): the spec's numbers and property tests."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.advantages import grpo_advantage
-from policylab.algo.objectives_ratio.elastic import (
+from policylab.algo.advantages.group_baselines import grpo_advantage
+from policylab.algo.advantages.token_level_group import hapo_advantage
+from policylab.algo.logits_transforms import entropy_temperature_factor
+from policylab.algo.objectives.adaptive_clipping import (
     HapoEntropyStats,
     etr_clip_ranges,
     group_population_variance,
     hapo_adaptive_clip,
-    hapo_advantage,
     hapo_normalised_entropy,
     hapo_redistributed_advantage,
-    hapo_token_temperature,
 )
 from policylab.rollouts import PolicyOutputs
-from test_objectives_ratio_common import aggregate, grad_of, log_of, make_batch, random_rollouts
+from test_objectives_ratio_common import aggregate, annotated, grad_of, log_of, make_batch, random_rollouts
 
 
 def run(name, batch, leaf, entropy=None, **params):
@@ -66,6 +68,18 @@ def test_etr_without_elasticity_is_ppo_clip_and_zero_advantage_groups_stay_silen
     batch, leaf = make_batch([[0.0, 0.0]] * 2, log_of([[1.5, 0.6]] * 2), None, rewards=[1.0, 1.0])
     batch.advantages = grpo_advantage(batch)
     assert torch.all(grad_of(run("etr", batch, leaf, alpha=5.0, beta=5.0)[0].sum(), leaf) == 0)
+
+
+def test_etr_annotate_provides_the_whole_batch_group_variance():
+    batch, leaf = make_batch([[0.0]] * 4, log_of([[1.3]] * 4), [2.0, -2.0, 0.5, -0.5], rewards=[1.0, 0.0, 1.0, 1.0],
+                             group=[0, 0, 1, 1])
+    objective = registry.build("objective", "etr")
+    prepared = annotated(objective, batch)
+    assert torch.allclose(prepared.extras["etr_group_reward_var"], torch.tensor([0.25, 0.25, 0.0, 0.0]))
+    alone = prepared.select([0])  # one row of a group: without the annotation its group variance would be 0
+    loss, _ = objective(PolicyOutputs(logp=leaf[:1]), alone)
+    full, _ = objective(PolicyOutputs(logp=leaf), batch)
+    assert torch.allclose(loss, full[:1])
 
 
 def test_etr_needs_rewards():
@@ -152,32 +166,39 @@ def test_hapo_sampling_temperature_rule():
     vocab = 50
     flat = torch.zeros(1, vocab)  # entropy log(50) = 3.91: log H = 1.364 -> h^ = 0.68
     peaked = torch.tensor([[30.0] + [0.0] * (vocab - 1)])  # entropy ~ 0 -> log clamps at log 1e-6 -> h^ = -1
-    t_flat = hapo_token_temperature(flat, stats, 1.0, 0.05)
+    def temperature(logits, base):  # T_t = T0 * (1 + tau*h^)
+        return base * entropy_temperature_factor(logits, tau=0.05, **asdict(stats))
+
     expected_h = math.log(math.log(vocab)) / (1 + 1e-6) / 2.0
-    assert float(t_flat) == pytest.approx(1 + 0.05 * expected_h, rel=1e-5)
-    assert float(hapo_token_temperature(peaked, stats, 0.7, 0.05)) == pytest.approx(0.7 * 0.95, rel=1e-5)
-    assert float(hapo_token_temperature(flat, None, 0.7, 0.05)) == pytest.approx(0.7)  # first step: T0
+    assert float(temperature(flat, 1.0)) == pytest.approx(1 + 0.05 * expected_h, rel=1e-5)
+    assert float(temperature(peaked, 0.7)) == pytest.approx(0.7 * 0.95, rel=1e-5)
+    assert registry.build("objective", "hapo").sampling_transforms() == ()  # first step: T0
 
 
-def test_hapo_prepare_feeds_the_generation_processor():
-    from transformers import LogitsProcessorList
+def test_hapo_annotate_feeds_the_sampling_transform():
+    from policylab.algo.logits_transforms import apply_transforms
 
     objective = registry.build("objective", "hapo")
-    assert objective.logits_processor().stats is None
+    assert objective.sampling_transforms() == ()  # no statistics before the first batch: factor 1
     batch, leaf = make_batch([[0.0] * 5], [[0.0] * 5], [1.0], entropy=H_EXAMPLE)
-    objective.prepare(batch, None)
-    stats = objective.logits_processor().stats
+    annotated(objective, batch)  # provides no field: it only refreshes the statistics
+    (transform,) = objective.sampling_transforms()
+    stats = objective.stats
+    assert transform.kind == "entropy_temperature" and transform.params["tau"] == pytest.approx(0.05)
     assert stats.pivot == pytest.approx(0.0) and stats.rms == pytest.approx(1.582758, abs=1e-5)
     scores = torch.zeros(2, 50)
-    processed = LogitsProcessorList([objective.logits_processor()])(torch.zeros(2, 3, dtype=torch.long), scores.clone() + 1.0)
-    factor = float(hapo_token_temperature(scores, stats, 1.0, 0.05)[0])
-    assert torch.allclose(processed, (scores + 1.0) / factor)
+    processed, factors = apply_transforms(scores.clone() + 1.0, [transform])
+    factor = float(entropy_temperature_factor(scores, tau=0.05, **asdict(stats))[0])
+    assert torch.allclose(processed, (scores + 1.0) / factor) and torch.allclose(factors, torch.full((2,), factor))
+    batch.extras["sampling_temperature_factor"] = torch.tensor([factor])  # what the rollout engine reports
     _, metrics = objective(PolicyOutputs(logp=leaf, entropy=H_EXAMPLE), batch)
     assert float(metrics["hapo/sampling_temperature_factor"]) == pytest.approx(factor)
     restored = registry.build("objective", "hapo")
     restored.load_state_dict(objective.state_dict())
-    assert restored.logits_processor().stats == stats
-    assert registry.build("objective", "hapo", {"temperature_tau": 0.0}).logits_processor() is None
+    assert restored.stats == stats and restored.sampling_transforms() == objective.sampling_transforms()
+    off = registry.build("objective", "hapo", {"temperature_tau": 0.0})
+    annotated(off, batch)
+    assert off.sampling_transforms() == ()
 
 
 def test_hapo_needs_entropy():

@@ -1,4 +1,4 @@
-"""DHPO (objectives.md §2.1), MinPRO (§2.2), FiberPO (§2.5): the spec's numbers and property tests."""
+"""DHPO, MinPRO and FiberPO (policylab/algo/objectives/sequence_ratios.py): the spec's numbers and property tests."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.objectives_ratio.hybrid import censor_gate, dhpo_mixed_ratios, prefix_min_ratio
+from policylab.algo.objectives.sequence_ratios import censor_gate, dhpo_mixed_ratios, prefix_min_ratio
 from policylab.rollouts import PolicyOutputs
-from test_objectives_ratio_common import aggregate, grad_of, log_of, make_batch, random_rollouts
+from test_objectives_ratio_common import aggregate, annotated, grad_of, log_of, make_batch, random_rollouts
 
 
 def run(name, batch, leaf, entropy=None, **params):
@@ -80,8 +80,8 @@ def test_dhpo_entropy_mixing_weights_follow_entropy_over_the_batch_max():
     batch, leaf = make_batch([[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]], [1.0], entropy=entropy)
     _, metrics = run("dhpo", batch, leaf)
     assert float(metrics["dhpo/token_weight"]) == pytest.approx((0.25 + 1.0 + 0.5) / 3)
-    # a batch-wide max from prepare overrides the local one
-    prepared = registry.build("objective", "dhpo").prepare(batch.with_(entropy=torch.tensor([[0.5, 4.0, 1.0]])), None)
+    # a batch-wide max from annotate overrides the local one
+    prepared = annotated(registry.build("objective", "dhpo"), batch.with_(entropy=torch.tensor([[0.5, 4.0, 1.0]])))
     local = prepared.with_(entropy=torch.tensor(entropy))
     _, metrics = registry.build("objective", "dhpo")(PolicyOutputs(logp=leaf), local)
     assert float(metrics["dhpo/token_weight"]) == pytest.approx((0.125 + 0.5 + 0.25) / 3)

@@ -1,16 +1,14 @@
-"""R²VPO (objectives.md §2.3), GBPO/BPO (§2.4), MDPO (§2.11): the spec's numbers and property tests."""
+"""R²VPO, GBPO/BPO and MDPO (policylab/algo/objectives/penalised.py): the spec's numbers and property tests."""
 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.advantages import dr_grpo_advantage, grpo_advantage
-from policylab.algo.objectives_ratio.penalised import (
+from policylab.algo.advantages.group_baselines import dr_grpo_advantage, grpo_advantage
+from policylab.algo.objectives.penalised import (
     exact_token_kl,
     gbpo_target_ratio,
     mdpo_step_size,
@@ -19,7 +17,7 @@ from policylab.algo.objectives_ratio.penalised import (
     sampled_token_kl,
 )
 from policylab.rollouts import PolicyOutputs
-from test_objectives_ratio_common import aggregate, grad_of, log_of, make_batch
+from test_objectives_ratio_common import aggregate, annotated, grad_of, log_of, make_batch
 
 
 def run(name, batch, leaf, **params):
@@ -133,6 +131,17 @@ def test_bpo_parameterisation_uses_a_soft_target_without_std():
     assert float(loss[0, 0].detach()) == pytest.approx((expected_top - 1) * 0.75, abs=1e-6)
 
 
+def test_gbpo_annotate_provides_the_whole_batch_target():
+    batch, leaf = gbpo_batch([1.0, 1.0, 1.0, 0.0])
+    objective = registry.build("objective", "gbpo")
+    prepared = annotated(objective, batch)
+    assert torch.allclose(prepared.extras["gbpo_target_ratio"], torch.tensor([1.0, 1.0, 1.0, 0.8]), atol=1e-6)
+    alone = prepared.select([3])  # a micro-batch of one row still sees its group's target
+    loss, _ = objective(PolicyOutputs(logp=leaf[3:]), alone)
+    full, _ = objective(PolicyOutputs(logp=leaf), batch)
+    assert torch.allclose(loss, full[3:])
+
+
 def test_gbpo_needs_rewards():
     batch, leaf = make_batch([[0.0]], [[0.0]], [1.0])
     with pytest.raises(ValueError, match="rewards"):
@@ -174,20 +183,23 @@ def test_mdpo_schedule_and_sampled_kl_is_nonnegative():
     assert float(sampled_token_kl(torch.zeros(1))) == 0.0
 
 
-def test_mdpo_prepare_counts_rollout_batches_against_the_run_length():
-    objective = registry.build("objective", "mdpo")
-    ctx = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(steps=10)))
-    batch, leaf = make_batch([[0.0]], [[0.0]], [1.0])
-    for _ in range(5):
-        objective.prepare(batch, ctx)
+def test_mdpo_after_step_counts_rollout_batches_against_the_run_length():
+    objective = registry.build("objective", "mdpo", {"total_iterations": 10})
+    assert objective.step_size == 1.0  # the first batch trains at k = 1
+    for _ in range(4):
+        objective.after_step({})
     assert objective.step_size == pytest.approx(0.6)  # k = 5: 1 - 4/10
     restored = registry.build("objective", "mdpo")
     restored.load_state_dict(objective.state_dict())
-    restored.prepare(batch, ctx)
-    assert restored.step_size == pytest.approx(0.5)  # resumed at k = 6
+    restored.after_step({})
+    assert restored.step_size == pytest.approx(0.5)  # resumed, then k = 6
     for _ in range(40):
-        objective.prepare(batch, ctx)
+        objective.after_step({})
     assert objective.step_size == pytest.approx(0.1)  # past K it stays at 1/K
+    assert not hasattr(objective, "prepare") and not hasattr(objective, "annotate")
+    unbounded = registry.build("objective", "mdpo")
+    unbounded.after_step({})
+    assert unbounded.step_size == 1.0  # without total_iterations: no annealing
 
 
 def test_mdpo_first_inner_step_is_reinforce_and_later_steps_are_pulled_back():

@@ -1,4 +1,5 @@
-"""T-PPO (objectives.md §2.10) and the critic pieces it needs (policylab.algo.value; advantages_rewards.md A6)."""
+"""T-PPO (policylab/annotate/critics.py, policylab/algo/objectives/truncated_ppo.py) and the extended GAE it feeds
+(policylab/algo/advantages/extended_gae.py)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,27 @@ import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.objectives_ratio.truncated import BOOTSTRAP_KEY, DONE_KEY, RETURNS_KEY, VALUES_KEY
-from policylab.algo.value import ValueHead, clipped_value_loss, gae, outcome_token_rewards
+from policylab.algo.advantages.extended_gae import (
+    CRITIC_BOOTSTRAP,
+    CRITIC_RETURNS,
+    CRITIC_VALUES,
+    RESPONSE_FINISHED,
+    finished_token_rewards,
+    gae,
+)
+from policylab.algo.objectives.truncated_ppo import clipped_value_loss
+from policylab.annotate.critics import ValueHead
+from policylab.interfaces import declared
 from policylab.rollouts import PolicyOutputs
-from test_objectives_ratio_common import aggregate, grad_of, make_batch
+from policylab.testing import make_rollouts
+from test_objectives_ratio_common import aggregate, annotated, chain_builds, grad_of, make_batch
 
 ONES3 = torch.ones(1, 3)
 
 
 def test_egae_completed_response_with_gamma_lambda_one_is_return_minus_value():
     values = torch.tensor([[0.2, 0.5, 0.9]])
-    rewards = outcome_token_rewards(torch.tensor([1.0]), ONES3, torch.tensor([True]))
+    rewards = finished_token_rewards(make_rollouts([1.0], lengths=[3]), torch.tensor([True]))
     adv, ret = gae(rewards, values, ONES3, gamma=1.0, lam=1.0)
     assert torch.allclose(adv, 1.0 - values)
     assert torch.allclose(ret, torch.ones(1, 3))
@@ -26,7 +37,7 @@ def test_egae_completed_response_with_gamma_lambda_one_is_return_minus_value():
 
 def test_egae_truncated_with_constant_values_has_zero_advantages():
     values = torch.full((1, 3), 0.5)
-    rewards = outcome_token_rewards(torch.tensor([1.0]), ONES3, torch.tensor([False]))
+    rewards = finished_token_rewards(make_rollouts([1.0], lengths=[3]), torch.tensor([False]))
     assert torch.all(rewards == 0)  # an unfinished response has no reward yet
     adv, _ = gae(rewards, values, ONES3, gamma=1.0, lam=0.95, bootstrap=torch.tensor([0.5]))
     assert torch.allclose(adv, torch.zeros(1, 3))
@@ -64,7 +75,7 @@ def test_value_head_starts_at_zero():
 
 
 # ---------------------------------------------------------------------------------------------------
-# the component: prepare writes the critic's estimates, egae reads them, the call trains the head
+# the component: annotate provides the critic's estimates, egae reads them, the call trains the head
 
 
 HIDDEN = 4
@@ -88,7 +99,7 @@ def fake_ctx():
         hidden = fake_hidden(rollouts.completion_ids, rollouts.completion_mask)
         return PolicyOutputs(logp=torch.zeros(hidden.shape[:2]), hidden=hidden)
 
-    return SimpleNamespace(score=score, step=0, config=None), calls
+    return SimpleNamespace(score=score, step=0, device=None), calls
 
 
 def tppo_batch():
@@ -99,27 +110,27 @@ def tppo_batch():
     return batch, leaf
 
 
-def test_tppo_prepare_scores_one_position_past_the_end_and_egae_bootstraps_truncated_rows():
+def test_tppo_annotate_scores_one_position_past_the_end_and_egae_bootstraps_truncated_rows():
     batch, _ = tppo_batch()
     objective = registry.build("objective", "t_ppo")
     ctx, calls = fake_ctx()
-    objective.prepare(batch, ctx)
+    annotated(objective, batch, ctx)
     with torch.no_grad():  # give the head a known non-zero value function
         objective.head.linear.weight.copy_(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
-    prepared = objective.prepare(batch, ctx)
+    prepared = annotated(objective, batch, ctx)
     scored = calls[-1]
     assert scored.completion_ids.shape[1] == 5 and scored.completion_mask[1, 4] == 1 and scored.completion_mask[0, 3] == 1
     values_all = objective.head(fake_hidden(scored.completion_ids, scored.completion_mask)).detach()
-    assert torch.allclose(prepared.extras[VALUES_KEY], values_all[:, :4] * batch.completion_mask)
-    assert prepared.extras[DONE_KEY].tolist() == [True, False]
-    assert float(prepared.extras[BOOTSTRAP_KEY][0]) == 0.0
-    assert float(prepared.extras[BOOTSTRAP_KEY][1]) == pytest.approx(float(values_all[1, 4]))
+    assert torch.allclose(prepared.extras[CRITIC_VALUES], values_all[:, :4] * batch.completion_mask)
+    assert prepared.extras[RESPONSE_FINISHED].tolist() == [True, False]
+    assert float(prepared.extras[CRITIC_BOOTSTRAP][0]) == 0.0
+    assert float(prepared.extras[CRITIC_BOOTSTRAP][1]) == pytest.approx(float(values_all[1, 4]))
     adv = registry.build("advantage", "egae", {"gamma": 1.0, "lam": 1.0})(prepared)
     # finished row: R - V(s_t); truncated row: V(s_4) - V(s_t), its reward ignored
     assert torch.allclose(adv[0, :3], 1.0 - values_all[0, :3], atol=1e-6)
     assert torch.allclose(adv[1], values_all[1, 4] - values_all[1, :4], atol=1e-6)
     # critic targets: lambda_critic = 1 -> MC return on finished rows
-    assert torch.allclose(prepared.extras[RETURNS_KEY][0, :3], torch.ones(3), atol=1e-6)
+    assert torch.allclose(prepared.extras[CRITIC_RETURNS][0, :3], torch.ones(3), atol=1e-6)
 
 
 def test_tppo_trains_its_value_head_on_finished_rows_only():
@@ -128,7 +139,7 @@ def test_tppo_trains_its_value_head_on_finished_rows_only():
     ctx, _ = fake_ctx()
     losses = []
     for _ in range(60):
-        prepared = objective.prepare(batch, ctx)
+        prepared = annotated(objective, batch, ctx)
         prepared.advantages = registry.build("advantage", "egae")(prepared)
         leaf = logp.detach().clone().requires_grad_(True)
         hidden = fake_hidden(batch.completion_ids, batch.completion_mask)
@@ -142,7 +153,7 @@ def test_tppo_trains_its_value_head_on_finished_rows_only():
     assert objective.head.linear.weight.grad is None  # after_step cleared it
 
 
-def test_tppo_value_loss_does_not_reach_the_policy_and_without_prepare_it_is_ppo_clip():
+def test_tppo_value_loss_does_not_reach_the_policy_and_without_annotate_it_is_ppo_clip():
     batch, logp = tppo_batch()
     batch.old_logp = logp - 0.3
     batch.advantages = torch.tensor([1.0, -1.0])
@@ -152,7 +163,7 @@ def test_tppo_value_loss_does_not_reach_the_policy_and_without_prepare_it_is_ppo
     assert torch.equal(loss, ppo_loss)
     objective = registry.build("objective", "t_ppo")
     ctx, _ = fake_ctx()
-    prepared = objective.prepare(batch, ctx)
+    prepared = annotated(objective, batch, ctx)
     hidden = fake_hidden(batch.completion_ids, batch.completion_mask).requires_grad_(True)
     loss, _ = objective(PolicyOutputs(logp=leaf, hidden=hidden), prepared)
     total = aggregate(loss, prepared)
@@ -166,12 +177,12 @@ def test_tppo_state_round_trip_and_egae_needs_the_critic():
     batch, _ = tppo_batch()
     objective = registry.build("objective", "t_ppo")
     ctx, _ = fake_ctx()
-    objective.prepare(batch, ctx)
+    annotated(objective, batch, ctx)
     with torch.no_grad():
         objective.head.linear.weight.fill_(0.7)
     restored = registry.build("objective", "t_ppo")
     restored.load_state_dict(objective.state_dict())  # before the head exists: applied when it is built
-    restored.prepare(batch, ctx)
+    annotated(restored, batch, ctx)
     assert torch.equal(restored.head.linear.weight, objective.head.linear.weight)
     with pytest.raises(ValueError, match="critic"):
         registry.build("advantage", "egae")(batch)
@@ -180,7 +191,7 @@ def test_tppo_state_round_trip_and_egae_needs_the_critic():
 def test_tppo_bootstrap_is_the_state_after_the_last_token_in_the_real_forward():
     """Guards the alignment the critic relies on: hidden[:, t] predicts token t, so position L is s_L."""
     from policylab import models
-    from policylab.train.forward import policy_forward
+    from policylab.models.forward import policy_forward
 
     model, tok = models.load("tiny", seed=0)
     model.eval()
@@ -193,14 +204,26 @@ def test_tppo_bootstrap_is_the_state_after_the_last_token_in_the_real_forward():
     ctx = SimpleNamespace(score=lambda r, with_hidden=False: policy_forward(model, r, with_hidden=with_hidden), device=None)
     objective = registry.build("objective", "t_ppo")
     with torch.no_grad():
-        objective.prepare(batch, ctx)
+        annotated(objective, batch, ctx)
         torch.manual_seed(0)
         objective.head.linear.weight.normal_()
-        prepared = objective.prepare(batch, ctx)
+        prepared = annotated(objective, batch, ctx)
         full = torch.cat([prompt.input_ids, completion[:, :3]], dim=1)
         last_state = model.get_decoder()(input_ids=full).last_hidden_state[:, -1]
         expected = objective.head(last_state[:, None])[0, 0]
         first_state = model.get_decoder()(input_ids=prompt.input_ids).last_hidden_state[:, -1]
         expected_first = objective.head(first_state[:, None])[0, 0]
-    assert float(prepared.extras[BOOTSTRAP_KEY][0]) == pytest.approx(float(expected), abs=1e-4)
-    assert float(prepared.extras[VALUES_KEY][0, 0]) == pytest.approx(float(expected_first), abs=1e-4)
+    assert float(prepared.extras[CRITIC_BOOTSTRAP][0]) == pytest.approx(float(expected), abs=1e-4)
+    assert float(prepared.extras[CRITIC_VALUES][0, 0]) == pytest.approx(float(expected_first), abs=1e-4)
+
+
+def test_tppo_declarations_and_its_recipes_chain():
+    objective = registry.build("objective", "t_ppo")
+    assert declared(objective, "requires") == ("rewards",)
+    assert declared(objective, "provides") == (CRITIC_VALUES, CRITIC_BOOTSTRAP, RESPONSE_FINISHED, CRITIC_RETURNS)
+    assert not hasattr(objective, "prepare")
+    assert set(declared(registry.build("advantage", "egae"), "requires")) == {
+        "rewards", CRITIC_VALUES, CRITIC_BOOTSTRAP, RESPONSE_FINISHED}
+    for recipe in ("t_ppo", "ppo_gae"):  # the critic's fields reach the egae / gae advantage
+        parts = chain_builds(recipe)
+        assert parts.plan.provided[CRITIC_VALUES].startswith("algorithm.objective")

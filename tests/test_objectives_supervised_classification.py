@@ -3,44 +3,33 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.objectives_supervised.classification import (
+from policylab.algo.objectives.classification import (
     nft_token_losses,
     pacs_row_losses,
     real_prompt_losses,
 )
 from policylab.config import load_recipe
-from policylab.rollouts import Normaliser, PolicyOutputs, Rollouts
+from policylab.interfaces import declared
+from policylab.rollouts import Normaliser, PolicyOutputs
+from policylab.testing import make_rollouts
+from policylab.train.components import build_components
 
 
 def make_batch(rewards, lengths, group, *, width=None, seed=0):
     width = width or max(lengths)
-    b = len(rewards)
-    mask = torch.zeros(b, width)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
     gen = torch.Generator().manual_seed(seed)
-    logp = torch.log(torch.rand(b, width, generator=gen) * 0.8 + 0.1)
-    batch = Rollouts(
-        prompt_ids=torch.ones(b, 2, dtype=torch.long), prompt_mask=torch.ones(b, 2),
-        completion_ids=torch.ones(b, width, dtype=torch.long), completion_mask=mask,
-        group=torch.tensor(group), truncated=torch.zeros(b, dtype=torch.bool),
-        rewards=torch.tensor(rewards, dtype=torch.float32), old_logp=logp.clone(),
-    )
+    logp = torch.log(torch.rand(len(rewards), width, generator=gen) * 0.8 + 0.1)
+    batch = make_rollouts(rewards, lengths=lengths, group=group, width=width, prompt_len=2, old_logp=logp.clone())
     return batch, logp
 
 
 def seq_sum_total(loss, mask):
     return registry.build("aggregate", "seq-mean-token-sum")(loss * mask, mask, Normaliser.of(mask, 8))
-
-
-def ctx_for(recipe_name, **over):
-    return SimpleNamespace(config=load_recipe(recipe_name, over))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,15 +96,16 @@ def test_real_bce_variant_at_zero_score_is_ln2():
     assert seq_sum_total(loss, batch.completion_mask).item() == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_real_prepare_demands_its_aggregation_and_warns_when_groups_would_split(caplog):
-    real = registry.build("objective", "real")
-    batch, _ = make_batch([1.0, 0.0], [2, 3], [0, 0])
-    with pytest.raises(ValueError, match="seq-mean-token-sum"):
-        real.prepare(batch, ctx_for("grpo"))
-    assert real.prepare(batch, ctx_for("real")) is batch and not caplog.records
-    with caplog.at_level("WARNING"):
-        real.prepare(batch, ctx_for("real", **{"train.micro_batch_size": 1}))
-    assert any("micro_batch_size" in r.getMessage() for r in caplog.records)
+@pytest.mark.parametrize("name", ["real", "pacs", "nft"])
+def test_declarations_chain_in_the_recipe_and_name_its_aggregation(name):
+    parts = build_components(load_recipe(name))  # the chain check: every requires has a provider
+    objective = parts.update.objective
+    assert "rewards" in declared(objective, "requires")
+    aggregates = getattr(objective, "aggregates", None)
+    if aggregates is not None:
+        assert load_recipe(name).algorithm.aggregate.name in aggregates
+    assert not hasattr(objective, "prepare")
+    assert getattr(objective, "needs_whole_groups", False) == (name in ("real", "pacs"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,11 +193,15 @@ def test_nft_neg_weight_zero_is_rft_and_negative_is_refused():
         registry.build("objective", "nft", {"neg_weight": -1.0})
 
 
-def test_nft_prepare_makes_micro_batches_exact():
+def test_nft_annotation_makes_micro_batches_exact():
     nft = registry.build("objective", "nft")
     batch, logp = make_batch([1.0, 0.0, 0.0, 1.0, 1.0, 0.0], [2, 3, 1, 2, 3, 3], [0, 0, 0, 1, 1, 1])
     batch.old_logp = batch.old_logp + 0.1  # off-policy ratios
-    batch = nft.prepare(batch, SimpleNamespace(config=None))
+    fields = nft.annotate(batch, None)
+    assert set(fields) == set(declared(nft, "provides")) == {"nft_correct_rate"}
+    assert fields["nft_correct_rate"].tolist() == pytest.approx([1 / 3] * 3 + [2 / 3] * 3)
+    batch = batch.with_(extras={**batch.extras, **fields})
+    batch.validate("nft")
     leaf = logp.clone().requires_grad_(True)
     full, _ = nft(PolicyOutputs(leaf), batch)
     parts = []
@@ -228,3 +222,13 @@ def test_nft_sequence_ratio_spreads_one_loss_per_sequence():
     # positive row -(1 - r^) = -0.5 per token, negative row +r^ = +0.5 per token
     assert torch.allclose(leaf.grad[0, :2], torch.full((2,), -0.5), atol=1e-6)
     assert torch.allclose(leaf.grad[1, :3], torch.full((3,), 0.5), atol=1e-6)
+
+
+def test_every_recipe_uses_the_aggregation_its_objective_is_written_for():
+    from policylab.config import available_recipes
+
+    for name in sorted(available_recipes()):
+        recipe = load_recipe(name)
+        objective = registry.build("objective", recipe.algorithm.objective.name, recipe.algorithm.objective.params)
+        aggregates = getattr(objective, "aggregates", None)
+        assert aggregates is None or recipe.algorithm.aggregate.name in aggregates, (name, aggregates)

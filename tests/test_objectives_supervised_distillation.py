@@ -8,15 +8,14 @@ import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.advantages import grpo_advantage
-from policylab.algo.objectives_supervised.distillation import (
-    entropy_weights,
-    reprompt_text,
-    sdpo_token_losses,
-    teacher_demonstrations,
-)
+from policylab.algo.advantages.group_baselines import grpo_advantage
+from policylab.algo.objectives.distillation import entropy_weights, sdpo_token_losses, teacher_demonstrations
+from policylab.annotate.teacher import reprompt_text
 from policylab.config import load_recipe
-from policylab.rollouts import Normaliser, PolicyOutputs, Rollouts
+from policylab.interfaces import declared
+from policylab.rollouts import Normaliser, PolicyOutputs
+from policylab.testing import make_rollouts
+from policylab.train.components import build_components
 
 
 class FakeTokenizer:
@@ -29,22 +28,19 @@ class FakeTokenizer:
 def make_batch(rewards, lengths, group, seed=0):
     width = max(lengths)
     b = len(rewards)
-    mask = torch.zeros(b, width)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
     gen = torch.Generator().manual_seed(seed)
     logp = torch.log(torch.rand(b, width, generator=gen) * 0.8 + 0.1)
-    batch = Rollouts(
-        prompt_ids=torch.full((b, 3), 7), prompt_mask=torch.ones(b, 3), completion_ids=torch.full((b, width), 9),
-        completion_mask=mask, group=torch.tensor(group), truncated=torch.zeros(b, dtype=torch.bool),
+    batch = make_rollouts(
+        rewards, lengths=lengths, group=group, prompt_ids=torch.full((b, 3), 7), completion_ids=torch.full((b, width), 9),
         prompts=[f"<user>Q{g}</user>" for g in group], completions=[f"answer {i}" for i in range(b)],
-        rows=[{"prompt": f"Q{g}"} for g in group], rewards=torch.tensor(rewards, dtype=torch.float32),
+        rows=[{"prompt": f"Q{g}"} for g in group],
     )
     batch.advantages = grpo_advantage(batch)
     return batch, logp
 
 
-def fake_ctx(recipe="srpo", entropy_by_row=None):
+def fake_ctx(entropy_by_row=None):
+    """A StageContext whose ``score`` gives log-probs that depend on the (re)prompt length."""
     seen = {}
 
     def score(rollouts, model=None, with_hidden=False):
@@ -54,9 +50,27 @@ def fake_ctx(recipe="srpo", entropy_by_row=None):
         ent = torch.ones_like(mask) if entropy_by_row is None else entropy_by_row[: mask.shape[0], : mask.shape[1]]
         return PolicyOutputs(logp=logp, entropy=ent * mask)
 
-    ctx = SimpleNamespace(model=torch.nn.Linear(2, 2), tokenizer=FakeTokenizer(), ref_model=None, score=score,
-                          config=load_recipe(recipe), step=0)
+    ctx = SimpleNamespace(policy=torch.nn.Linear(2, 2), tokenizer=FakeTokenizer(), reference=None, score=score, step=0)
     return ctx, seen
+
+
+def annotated(component, batch, ctx):
+    """The batch after ``component.annotate``, checking that it returns exactly its declared fields."""
+    fields = component.annotate(batch, ctx)
+    assert set(fields) == set(declared(component, "provides"))
+    out = batch.with_(extras={**batch.extras, **fields})
+    out.validate(type(component).__name__)
+    return out
+
+
+@pytest.mark.parametrize("name", ["sdpo", "srpo"])
+def test_recipe_chains_and_the_teacher_pass_is_an_annotation(name):
+    parts = build_components(load_recipe(name))
+    assert [n.where for n in parts.plan.prepare] == ["algorithm.objective"]
+    assert parts.plan.prepare[0].hook == "annotate" and not parts.plan.needs_reference_model  # ema teacher
+    aggregates = getattr(parts.update.objective, "aggregates", None)  # srpo's route scales assume token-mean
+    assert aggregates is None or load_recipe(name).algorithm.aggregate.name in aggregates
+    assert registry.build("objective", name, {"teacher": "reference"}).needs_reference_model
 
 
 def test_teacher_demonstrations_pick_a_successful_sibling():
@@ -86,15 +100,15 @@ def test_sampled_token_loss_gradient_is_the_log_ratio_to_the_teacher_with_is_cli
     assert torch.allclose(logp.grad, torch.tensor([[0.5 * 2.0, -1.0 * 1.5]]), atol=1e-6)
 
 
-def test_sdpo_prepare_scores_reprompts_under_an_ema_teacher_and_distils_only_rows_with_a_teacher():
+def test_sdpo_teacher_pass_scores_reprompts_under_an_ema_teacher_and_distils_only_rows_with_a_teacher():
     batch, logp = make_batch([1.0, 0.0, 1.0, 0.0, 0.0], [2, 3, 1, 2, 2], [0, 0, 0, 1, 1])
     sdpo = registry.build("objective", "sdpo")
-    ctx, seen = fake_ctx("sdpo")
-    out = sdpo.prepare(batch, ctx)
+    ctx, seen = fake_ctx()
+    out = annotated(sdpo, batch, ctx)
     assert out.extras["distill_mask"].tolist() == [True, True, True, False, False]
     teacher_batch = seen["batch"]
     assert teacher_batch.batch_size == 3 and teacher_batch.prompt_mask.sum(-1).min() > 3  # longer reprompts
-    assert seen["model"] is sdpo.teacher.model and seen["model"] is not ctx.model
+    assert seen["model"] is sdpo.teacher.model and seen["model"] is not ctx.policy
     leaf = logp.clone().requires_grad_(True)
     loss, metrics = sdpo(PolicyOutputs(leaf), out)
     (loss * out.completion_mask).sum().backward()
@@ -104,10 +118,10 @@ def test_sdpo_prepare_scores_reprompts_under_an_ema_teacher_and_distils_only_row
     assert metrics["sdpo/distilled_frac"].item() == pytest.approx(0.6)
     # EMA: the teacher moves 5% of the way to the student after a step
     with torch.no_grad():
-        ctx.model.weight.add_(1.0)
+        ctx.policy.weight.add_(1.0)
     before = sdpo.teacher.model.weight.clone()
     sdpo.after_step({})
-    assert torch.allclose(sdpo.teacher.model.weight, before + 0.05 * (ctx.model.weight - before))
+    assert torch.allclose(sdpo.teacher.model.weight, before + 0.05 * (ctx.policy.weight - before))
 
 
 def test_sdpo_refuses_logit_modes_it_cannot_compute():
@@ -131,8 +145,8 @@ def test_entropy_weights_monotone_mean_one_and_uniform_at_high_temperature():
 def test_srpo_routes_correct_rows_to_grpo_and_failed_rows_to_distillation():
     batch, logp = make_batch([1.0, 0.0, 0.0, 1.0, 0.0, 0.0], [2, 3, 1, 2, 3, 2], [0, 0, 0, 0, 1, 1])
     srpo = registry.build("objective", "srpo")
-    ctx, _ = fake_ctx("srpo")
-    out = srpo.prepare(batch, ctx)
+    ctx, _ = fake_ctx()
+    out = annotated(srpo, batch, ctx)
     assert out.extras["srpo_route"].tolist() == [0, 1, 1, 0, 0, 0]  # group 1 failed without teacher -> GRPO
 
     def grads(prepared):
@@ -163,7 +177,7 @@ def test_srpo_all_correct_batch_is_exactly_grpo():
     batch.rewards = torch.tensor([1.0, 1.0, 1.0, 1.0])
     batch.advantages = torch.tensor([0.3, -0.3, 0.5, -0.5])
     srpo = registry.build("objective", "srpo")
-    out = srpo.prepare(batch, fake_ctx("srpo")[0])
+    out = annotated(srpo, batch, fake_ctx()[0])
     loss, _ = srpo(PolicyOutputs(logp), out)
     reference, _ = registry.build("objective", "ppo_clip", {"eps_low": 0.2, "eps_high": 0.28})(PolicyOutputs(logp), out)
     assert torch.allclose(loss, reference * out.completion_mask)

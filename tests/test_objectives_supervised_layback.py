@@ -1,22 +1,23 @@
-"""PIPO layback (§4.4): progress scale, coefficients, gate, and the joint update in the loop's prepare hook."""
+"""PIPO layback (arXiv:2604.00860): progress scale, coefficients, gate, and the joint update built by its batch transform."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.advantages import grpo_advantage
-from policylab.algo.objectives_supervised.layback import (
+from policylab.algo.advantages.group_baselines import grpo_advantage
+from policylab.algo.objectives.retrospective import (
     layback_coefficients,
     layback_gate,
     layback_token_losses,
     progress_scale,
 )
 from policylab.config import load_recipe
-from policylab.rollouts import Normaliser, PolicyOutputs, Rollouts
+from policylab.interfaces import declared
+from policylab.rollouts import Normaliser, PolicyOutputs
+from policylab.testing import make_rollouts
+from policylab.train.components import build_components
 
 GATE = dict(window_len=8, has_cache=True, step=1, min_steps=8, every_n=1, threshold=0.0)
 
@@ -58,29 +59,38 @@ def make_batch(rewards, seed):
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, width + 1, (b,), generator=gen)
     mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
-    return Rollouts(
-        prompt_ids=torch.ones(b, 2, dtype=torch.long), prompt_mask=torch.ones(b, 2),
-        completion_ids=torch.ones(b, width, dtype=torch.long), completion_mask=mask,
-        group=torch.arange(b) // 2, truncated=torch.zeros(b, dtype=torch.bool), prompts=["p"] * b, completions=["c"] * b,
-        rows=[{}] * b, rewards=torch.tensor(rewards, dtype=torch.float32),
+    return make_rollouts(
+        rewards, lengths=lengths.tolist(), width=width, group=(torch.arange(b) // 2).tolist(), prompt_len=2,
+        prompts=["p"] * b, completions=["c"] * b, rows=[{}] * b,
         behavior_logp=torch.log(torch.rand(b, width, generator=gen) * 0.8 + 0.1) * mask, extras={"max_new_tokens": 3},
     )
 
 
-def run_steps(pipo, reward_lists, ctx):
+def run_steps(pipo, reward_lists):
+    """What the loop does each step: the transform, the advantage, then the loss over the batch (which records
+    the batch's advantages for the next layback)."""
     outs = []
     for k, rewards in enumerate(reward_lists):
-        batch = pipo.prepare(make_batch(rewards, seed=k), ctx)
+        batch = pipo.transform(make_batch(rewards, seed=k), None)
+        assert {f for f in declared(pipo, "provides")} <= set(batch.extras)
+        batch.validate("pipo")
         batch.advantages = grpo_advantage(batch)
+        pipo(PolicyOutputs(batch.behavior_logp.clone()), batch)
         outs.append(batch)
     return outs
 
 
-def test_prepare_appends_the_previous_batch_with_coefficients_and_exact_scales():
-    ctx = SimpleNamespace(config=load_recipe("pipo"), score=None)
+def test_recipe_chains_with_the_transform_after_the_reference_scorer():
+    parts = build_components(load_recipe("pipo"))
+    nodes = {n.where: n for n in parts.plan.prepare}
+    assert nodes["algorithm.objective"].hook == "transform"
+    assert load_recipe("pipo").algorithm.aggregate.name in parts.update.objective.aggregates
+
+
+def test_transform_appends_the_previous_batch_with_coefficients_and_exact_scales():
     pipo = registry.build("objective", "pipo", {"history_window": 3, "min_steps_before_layback": 2, "loss_scale_neg": 0.1})
     steps = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]]
-    outs = run_steps(pipo, steps, ctx)
+    outs = run_steps(pipo, steps)
     assert [o.batch_size for o in outs] == [4, 4, 8, 8]  # window of 2 means needed before the first layback
     third, fourth = outs[2], outs[3]
     # step 3: window [0.25, 0.5], mu 0.75 -> p 0.375, sigma 0.125, xi 3
@@ -114,14 +124,25 @@ def test_prepare_appends_the_previous_batch_with_coefficients_and_exact_scales()
 
 
 def test_code_compat_counts_the_current_mean_in_its_own_baseline():
-    ctx = SimpleNamespace(config=load_recipe("pipo"), score=None)
     ours = registry.build("objective", "pipo", {"min_steps_before_layback": 1})
     compat = registry.build("objective", "pipo", {"min_steps_before_layback": 1, "pipo_code_compat": True})
     steps = [[1, 0, 0, 0], [1, 1, 1, 0]]
-    a, b = run_steps(ours, steps, ctx), run_steps(compat, steps, ctx)
+    a, b = run_steps(ours, steps), run_steps(compat, steps)
     assert a[1].extras["pipo_mu_his"].item() == pytest.approx(0.25)  # window [0.25]
     assert b[1].extras["pipo_mu_his"].item() == pytest.approx((0.25 + 0.25 + 0.75) / 3)  # [0.25, 0.25, 0.75]
     assert list(compat.window) == [0.25, 0.25, 0.75, 0.75]
     restored = registry.build("objective", "pipo")
     restored.load_state_dict(compat.state_dict())
     assert list(restored.window) == list(compat.window) and restored.cache.batch_size == 4
+    assert torch.equal(restored.cache_adv, compat.cache_adv)
+
+
+def test_rows_whose_advantage_the_loss_never_saw_get_no_layback_coefficient():
+    pipo = registry.build("objective", "pipo", {"min_steps_before_layback": 1})
+    first = pipo.transform(make_batch([1, 0, 0, 0], seed=0), None)
+    first.advantages = grpo_advantage(first)
+    seen = first.select([0, 1])  # a step that stopped after rows 0, 1
+    pipo(PolicyOutputs(seen.behavior_logp.clone()), seen)
+    second = pipo.transform(make_batch([1, 1, 0, 0], seed=1), None)
+    coef = second.extras["pipo_coef"][second.extras["pipo_layback"]]
+    assert coef[2:].tolist() == [0.0, 0.0] and (coef[:2] != 0).all()

@@ -1,4 +1,4 @@
-"""DPO (§3.8), KTO (§3.7), CoPG (§3.6), TRPA (§3.5), the online pair construction and the offline pair tasks."""
+"""DPO, KTO, CoPG, TRPA, the online pair construction, the offline pair tasks and their batch transform."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.objectives_supervised.preference import (
+from policylab.algo.objectives.preference import (
     copg_pair_losses,
     dpo_pair_losses,
     kto_losses,
@@ -21,27 +21,35 @@ from policylab.algo.objectives_supervised.preference import (
     trpa_pair_losses,
 )
 from policylab.config import load_recipe
-from policylab.rollouts import Normaliser, PolicyOutputs, Rollouts
+from policylab.interfaces import declared
+from policylab.rollouts import Normaliser, PolicyOutputs
 from policylab.tasks.files import DatasetError
 from policylab.tasks.pairs import has_pair_rows, pair_rollouts
+from policylab.testing import make_rollouts
+from policylab.train.components import build_components
 
 
 def make_batch(rewards, lengths, group, *, seed=0, ref_shift=0.0):
     width = max(lengths)
     b = len(rewards)
-    mask = torch.zeros(b, width)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
     gen = torch.Generator().manual_seed(seed)
     logp = torch.log(torch.rand(b, width, generator=gen) * 0.8 + 0.1)
-    batch = Rollouts(
-        prompt_ids=torch.ones(b, 2, dtype=torch.long), prompt_mask=torch.ones(b, 2),
-        completion_ids=torch.arange(b * width).reshape(b, width) % 40 + 2, completion_mask=mask,
-        group=torch.tensor(group), truncated=torch.zeros(b, dtype=torch.bool),
-        rewards=torch.tensor(rewards, dtype=torch.float32), old_logp=logp.clone(), ref_logp=logp.clone() + ref_shift,
-        prompts=[f"p{g}" for g in group], completions=[f"c{i}" for i in range(b)], rows=[{"prompt": f"p{g}"} for g in group],
+    batch = make_rollouts(
+        rewards, lengths=lengths, group=group, prompt_len=2,
+        completion_ids=torch.arange(b * width).reshape(b, width) % 40 + 2, old_logp=logp.clone(),
+        ref_logp=logp.clone() + ref_shift, prompts=[f"p{g}" for g in group], completions=[f"c{i}" for i in range(b)],
+        rows=[{"prompt": f"p{g}"} for g in group],
     )
     return batch, logp
+
+
+def annotated(component, batch, ctx):
+    """The batch after ``component.annotate``, checking that it returns exactly its declared fields."""
+    fields = component.annotate(batch, ctx)
+    assert set(fields) == set(declared(component, "provides"))
+    out = batch.with_(extras={**batch.extras, **fields})
+    out.validate(type(component).__name__)
+    return out
 
 
 def total_of(loss, mask):
@@ -141,29 +149,31 @@ def test_kto_mismatched_partners_skip_rows_of_the_same_prompt():
     assert mismatched_partners(torch.tensor([5, 5, 5])).tolist() == [-1, -1, -1]
 
 
-def test_kto_prepare_estimates_z0_from_mismatched_completions():
+def test_kto_annotation_estimates_z0_from_mismatched_completions():
     batch, _ = make_batch([1.0, 0.0, 1.0, 0.0], [2, 3, 1, 2], [0, 0, 1, 1])
-    ref_model = object()
+    reference = object()
 
     def score(rollouts, model=None, with_hidden=False):  # policy 0.1/token above the reference
-        value = -0.2 if model is ref_model else -0.1
+        value = -0.2 if model is reference else -0.1
         return PolicyOutputs(logp=value * rollouts.completion_mask)
 
-    ctx = SimpleNamespace(config=load_recipe("kto"), score=score, ref_model=ref_model, tokenizer=None)
+    ctx = SimpleNamespace(score=score, policy=None, reference=reference, tokenizer=None)
     kto = registry.build("objective", "kto")
-    out = kto.prepare(batch, ctx)
+    assert kto.needs_reference_model
+    out = annotated(kto, batch, ctx)
     # partners [2,2,0,0] have lengths [1,1,2,2]: mean(0.1 * length) = 0.15
     assert out.extras["kto_z0"].item() == pytest.approx(0.15, abs=1e-6)
     loss, metrics = kto(PolicyOutputs(batch.old_logp.clone()), out)
     assert metrics["kto/kl"].item() == pytest.approx(0.15, abs=1e-6)
 
 
-def test_kto_after_prepare_is_exact_under_any_micro_batching():
+def test_kto_after_its_annotation_is_exact_under_any_micro_batching():
     batch, logp = make_batch([1.0, 0.0, float("nan"), 1.0, 0.0, 1.0], [2, 3, 1, 2, 3, 1], [0, 0, 1, 1, 2, 2], ref_shift=-0.1)
     # reference point 0 keeps this about the labelled-fraction normaliser: rows [0, 3] alone have no NaN row, so a
     # micro-batch-local normaliser (1 instead of 6/5) would break the sum
     kto = registry.build("objective", "kto", {"reference_point": "zero"})
-    prepared = kto.prepare(batch, SimpleNamespace(config=load_recipe("kto"), tokenizer=None))
+    assert declared(kto, "provides") == ("kto_row_scale",) and not kto.needs_reference_model
+    prepared = annotated(kto, batch, None)
     assert prepared.extras["kto_row_scale"].item() == pytest.approx(6 / 5)  # one NaN reward: 5 labelled of 6 rows
     m = prepared.completion_mask
     norm = Normaliser.of(m, 8)
@@ -240,8 +250,8 @@ def test_trpa_levels_from_rewards_and_format():
     batch, _ = make_batch([1.0, 0.0, float("nan"), 0.0], [1, 1, 1, 1], [0, 0, 0, 0])
     batch.reward_components = {"format": torch.tensor([1.0, 1.0, 1.0, 0.0])}
     assert preference_levels(batch).tolist() == [1, 2, 3, 4]
-    batch.extras["pref_level"] = torch.tensor([2, 2, 1, 4])
-    assert preference_levels(batch).tolist() == [2, 2, 1, 4]
+    batch.reward_components = {}
+    assert preference_levels(batch).tolist() == [1, 2, 3, 2]  # no format component: every wrong row is level 2
 
 
 def test_trpa_equal_level_prompt_adds_no_pair_and_uses_no_fallback_when_pairs_exist():
@@ -297,11 +307,10 @@ def test_arithmetic_pairs_rows_have_a_correct_chosen_and_a_wrong_rejected():
 
 def test_pair_rollouts_turn_each_prompt_into_chosen_and_rejected_rows():
     rows = [{"prompt": "What?", "chosen": "ab", "rejected": "xyz"}, {"prompt": "Who?", "chosen": "c", "rejected": "de"}]
-    generated = Rollouts(
-        prompt_ids=torch.tensor([[0, 5, 6], [7, 8, 9], [7, 8, 9]]), prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1.0]]),
-        completion_ids=torch.ones(3, 2, dtype=torch.long), completion_mask=torch.ones(3, 2), group=torch.tensor([4, 9, 9]),
-        truncated=torch.zeros(3, dtype=torch.bool), prompts=["What?", "Who?", "Who?"], completions=["", "", ""],
-        rows=[rows[0], rows[1], rows[1]], rewards=torch.zeros(3), extras={"max_new_tokens": 4},
+    generated = make_rollouts(
+        [0.0, 0.0, 0.0], lengths=[2, 2, 2], group=[4, 9, 9], prompt_ids=torch.tensor([[0, 5, 6], [7, 8, 9], [7, 8, 9]]),
+        prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1.0]]), prompts=["What?", "Who?", "Who?"],
+        completions=["", "", ""], rows=[rows[0], rows[1], rows[1]], extras={"max_new_tokens": 4},
     )
     out = pair_rollouts(generated, FakeTokenizer())
     assert out.batch_size == 4 and out.group.tolist() == [0, 0, 1, 1]
@@ -312,15 +321,37 @@ def test_pair_rollouts_turn_each_prompt_into_chosen_and_rejected_rows():
     assert out.completions == ["ab", "xyz", "c", "de"] and out.extras["max_new_tokens"] == 4
 
 
-def test_dpo_prepare_converts_pair_rows_and_checks_the_recipe():
+def generated_pair_batch():
     rows = [{"prompt": "What?", "chosen": "ab", "rejected": "xyz"}]
-    generated = Rollouts(
-        prompt_ids=torch.tensor([[5, 6]]), prompt_mask=torch.ones(1, 2), completion_ids=torch.ones(1, 2, dtype=torch.long),
-        completion_mask=torch.ones(1, 2), group=torch.tensor([0]), truncated=torch.zeros(1, dtype=torch.bool),
-        prompts=["What?"], completions=["12"], rows=rows, rewards=torch.zeros(1),
-    )
-    dpo = registry.build("objective", "dpo")
-    out = dpo.prepare(generated, SimpleNamespace(config=load_recipe("dpo"), tokenizer=FakeTokenizer()))
-    assert out.batch_size == 2 and out.extras["pref_label"].tolist() == [1, -1]
-    with pytest.raises(ValueError, match="seq-mean-token-sum"):
-        dpo.prepare(generated, SimpleNamespace(config=load_recipe("grpo"), tokenizer=FakeTokenizer()))
+    return make_rollouts([0.0], lengths=[2], prompt_ids=torch.tensor([[5, 6]]), prompts=["What?"], completions=["12"],
+                         rows=rows, extras={"max_new_tokens": 4})
+
+
+def test_offline_pairs_transform_converts_pair_rows_and_labels_generated_rows_zero():
+    transform = registry.build("batch_transform", "offline_pairs")
+    assert declared(transform, "provides") == ("pref_label",)
+    ctx = SimpleNamespace(tokenizer=FakeTokenizer())
+    out = transform.transform(generated_pair_batch(), ctx)
+    assert out.batch_size == 2 and out.extras["pref_label"].tolist() == [1, -1] and out.ref_logp is None
+    out.validate("offline_pairs")
+    online, _ = make_batch([1.0, 0.0], [2, 3], [0, 0])
+    same = transform.transform(online, ctx)
+    assert same.batch_size == 2 and same.extras["pref_label"].tolist() == [0, 0]
+    assert torch.equal(same.completion_ids, online.completion_ids)
+    # rows labelled 0 are online rows: DPO takes its pairs from the rewards, as without the field
+    logp = online.old_logp
+    with_zero, _ = registry.build("objective", "dpo")(PolicyOutputs(logp), same)
+    without, _ = registry.build("objective", "dpo")(PolicyOutputs(logp), online)
+    assert torch.equal(with_zero, without)
+
+
+@pytest.mark.parametrize("name", ["dpo", "kto", "copg", "trpa"])
+def test_recipes_chain_with_the_pair_transform_and_the_reference_scorer(name):
+    parts = build_components(load_recipe(name))
+    provided = {p for n in parts.plan.prepare for p in n.provides}
+    assert {"pref_label", "ref_logp"} <= provided and parts.plan.needs_reference_model
+    assert load_recipe(name).algorithm.aggregate.name in parts.update.objective.aggregates
+    assert not hasattr(parts.update.objective, "prepare")
+    if name == "kto":  # its annotation reads the offline labels, so it runs after the pair transform
+        order = [n.provides for n in parts.plan.prepare]
+        assert order.index(("pref_label",)) < order.index(("kto_z0", "kto_row_scale"))

@@ -1,4 +1,5 @@
-"""PSR / NSR / W-REINFORCE advantages (§3.4) and the ReasonMaxxer advantage (§4.3)."""
+"""PSR / NSR / W-REINFORCE advantages (§3.4) and the ReasonMaxxer advantage (§4.3):
+policylab.algo.advantages.signed_subsets."""
 
 from __future__ import annotations
 
@@ -6,22 +7,12 @@ import pytest
 import torch
 
 from policylab import registry
-from policylab.rollouts import Normaliser, PolicyOutputs, Rollouts
+from policylab.rollouts import Normaliser, PolicyOutputs
+from policylab.testing import make_rollouts
 
 
 def make_batch(rewards, lengths=None, group=None):
-    b = len(rewards)
-    lengths = lengths or [2] * b
-    width = max(lengths)
-    mask = torch.zeros(b, width)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    return Rollouts(
-        prompt_ids=torch.ones(b, 2, dtype=torch.long), prompt_mask=torch.ones(b, 2),
-        completion_ids=torch.ones(b, width, dtype=torch.long), completion_mask=mask,
-        group=torch.tensor(group or [0] * b), truncated=torch.zeros(b, dtype=torch.bool),
-        rewards=torch.tensor(rewards, dtype=torch.float32),
-    )
+    return make_rollouts(rewards, group=group, lengths=lengths or [2] * len(rewards), prompt_len=2)
 
 
 def reinforce_grad(batch, logp):
@@ -45,7 +36,7 @@ def test_w_reinforce_lambda_zero_equals_nsr_up_to_the_normaliser():
     full = batch.with_(advantages=registry.build("advantage", "w_reinforce", {"positive_weight": 0.0})(batch))
     g_full = reinforce_grad(full, logp)
     nsr = registry.build("advantage", "nsr")
-    sub = nsr.prepare(batch)
+    sub = nsr.transform(batch)
     assert sub.rewards.tolist() == [0.0, 0.0]  # only incorrect samples remain
     sub = sub.with_(advantages=nsr(sub))
     g_sub = reinforce_grad(sub, logp[[1, 3]])
@@ -57,10 +48,12 @@ def test_w_reinforce_lambda_zero_equals_nsr_up_to_the_normaliser():
 def test_psr_batch_contains_no_incorrect_sample_and_an_empty_subset_masks_everything():
     psr = registry.build("advantage", "psr")
     batch = make_batch([1.0, 0.0, float("nan"), 1.0], group=[0, 0, 1, 1])
-    kept = psr.prepare(batch)
+    kept = psr.transform(batch)
     assert kept.rewards.tolist() == [1.0, 1.0] and psr(kept).tolist() == [1.0, 1.0]
-    none_correct = psr.prepare(make_batch([0.0, 0.0]))
+    wrong = make_batch([0.0, 0.0])
+    none_correct = psr.transform(wrong)
     assert none_correct.batch_size == 2 and none_correct.completion_mask.sum() == 0
+    assert wrong.completion_mask.sum() == 4  # a new batch: the input is not edited
 
 
 def test_nsr_single_step_redistributes_mass_by_the_prior():
@@ -83,3 +76,22 @@ def test_reasonmaxxer_advantage_uses_population_std_and_clips():
     adv = registry.build("advantage", "reasonmaxxer")(batch)
     assert adv[0].item() == pytest.approx(2.5)  # 0.875 / 0.330719 = 2.6458 clipped at 2.5
     assert adv[1].item() == pytest.approx(-0.125 / 0.330719, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["psr", "nsr"])
+def test_subset_advantages_are_batch_transforms(name):
+    from policylab.interfaces import declared
+
+    comp = registry.build("advantage", name)
+    assert declared(comp, "requires") == ("rewards",) and declared(comp, "provides") == ()
+    assert not hasattr(comp, "prepare")
+
+
+@pytest.mark.parametrize("recipe", ["psr", "nsr", "w_reinforce", "reasonmaxxer"])
+def test_recipes_chain(recipe):
+    from policylab.config import load_recipe
+    from policylab.train.components import build_components
+
+    parts = build_components(load_recipe(recipe))
+    hooks = [n.hook for n in parts.plan.prepare if n.where == "algorithm.advantage"]
+    assert hooks == (["transform"] if recipe in ("psr", "nsr") else [])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.objectives_supervised.soft_thinking import (
+from policylab.algo.objectives.soft_thinking import (
     clamped_gumbel,
     mix_embeddings,
     mixed_logprobs,

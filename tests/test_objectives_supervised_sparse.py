@@ -1,4 +1,4 @@
-"""ReasonMaxxer (§4.3): entropy gating, sign, the SFT limit, problem selection and the offline buffer."""
+"""ReasonMaxxer (arXiv:2605.06241): entropy gating, sign, the SFT limit, problem selection and the offline buffer."""
 
 from __future__ import annotations
 
@@ -9,26 +9,21 @@ import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.objectives_supervised.sparse import decision_token_losses, select_problems
-from policylab.rollouts import Normaliser, PolicyOutputs, Rollouts
+from policylab.algo.objectives.sparse_decisions import decision_token_losses, select_problems
+from policylab.config import load_recipe
+from policylab.interfaces import declared
+from policylab.rollouts import Normaliser, PolicyOutputs
+from policylab.testing import make_rollouts
+from policylab.train.components import build_components
 
 
 def make_batch(rewards, entropy, adv, group=None, lengths=None, seed=0):
     entropy = torch.tensor(entropy, dtype=torch.float32)
     b, width = entropy.shape
-    lengths = lengths or [width] * b
-    mask = torch.zeros(b, width)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
     gen = torch.Generator().manual_seed(seed)
     logp = torch.log(torch.rand(b, width, generator=gen) * 0.8 + 0.1)
-    batch = Rollouts(
-        prompt_ids=torch.ones(b, 2, dtype=torch.long), prompt_mask=torch.ones(b, 2),
-        completion_ids=torch.ones(b, width, dtype=torch.long), completion_mask=mask,
-        group=torch.tensor(group or list(range(b))), truncated=torch.zeros(b, dtype=torch.bool),
-        rewards=torch.tensor(rewards, dtype=torch.float32), ref_logp=logp.clone() - 0.1, entropy=entropy,
-        advantages=torch.tensor(adv, dtype=torch.float32),
-    )
+    batch = make_rollouts(rewards, lengths=lengths or [width] * b, width=width, group=group or list(range(b)), prompt_len=2,
+                          ref_logp=logp.clone() - 0.1, entropy=entropy, advantages=torch.tensor(adv, dtype=torch.float32))
     return batch, logp
 
 
@@ -86,18 +81,47 @@ def test_select_problems_keeps_mixed_problems_closest_to_half():
 
 def test_offline_buffer_is_the_first_batch_and_survives_a_checkpoint():
     batch, _ = make_batch([1.0, 0.0, 1.0, 1.0], [[2.0, 0.1]] * 4, [0.0] * 4, group=[0, 0, 1, 1])
-
-    def score(rollouts, model=None, with_hidden=False):
-        return PolicyOutputs(logp=torch.zeros_like(rollouts.completion_mask), entropy=torch.full_like(rollouts.completion_mask, 0.7))
-
-    ctx = SimpleNamespace(model=None, ref_model=object(), score=score, step=0)
     rm = registry.build("objective", "reasonmaxxer")
-    first = rm.prepare(batch, ctx)
+    assert declared(rm, "requires") == ("rewards", "ref_logp", "entropy")
+    first = rm.transform(batch, SimpleNamespace(step=0))
     assert first.group.tolist() == [0, 0]  # only the mixed problem
-    assert torch.all(first.extras["base_entropy"] == 0.7)
+    assert torch.equal(first.entropy, batch.entropy[:2])  # the base batch keeps its collection-time entropies
     later, _ = make_batch([0.0] * 3, [[1.0, 1.0]] * 3, [0.0] * 3)
-    again = rm.prepare(later, ctx)
-    assert again.batch_size == 2 and again.group.tolist() == [0, 0]
+    again = rm.transform(later, SimpleNamespace(step=1))
+    assert again.batch_size == 2 and again.group.tolist() == [0, 0] and torch.equal(again.entropy, first.entropy)
     restored = registry.build("objective", "reasonmaxxer")
     restored.load_state_dict(rm.state_dict())
-    assert restored.prepare(later, ctx).rewards.tolist() == [1.0, 0.0]
+    assert restored.transform(later, SimpleNamespace(step=5)).rewards.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="policy has moved"):
+        registry.build("objective", "reasonmaxxer").transform(later, SimpleNamespace(step=3))
+
+
+def test_online_variant_reads_the_reference_entropies():
+    rm = registry.build("objective", "reasonmaxxer", {"offline": False})
+    assert declared(rm, "requires") == ("rewards", "ref_logp", "base_entropy")
+    batch, logp = make_batch([1.0], [[0.0, 0.0]], [1.0])
+    gated = batch.with_(extras={"base_entropy": torch.tensor([[2.0, 0.0]])})
+    loss, metrics = rm(PolicyOutputs(logp), gated)
+    assert metrics["reasonmaxxer/decision_frac"].item() == pytest.approx(0.5)  # the collection entropy is ignored
+    with pytest.raises(ValueError, match="base_entropy"):
+        rm(PolicyOutputs(logp), batch)
+    annotator = registry.build("annotator", "base_entropy")
+
+    def score(rollouts, model=None, with_hidden=False):
+        assert model is ctx.reference
+        mask = rollouts.completion_mask
+        return PolicyOutputs(logp=torch.zeros_like(mask), entropy=torch.full_like(mask, 0.7))
+
+    ctx = SimpleNamespace(reference=object(), score=score)
+    fields = annotator.annotate(batch, ctx)
+    assert set(fields) == set(declared(annotator, "provides")) and torch.all(fields["base_entropy"] == 0.7)
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_recipe_chains_with_the_base_fields_before_the_problem_selection(offline):
+    parts = build_components(load_recipe("reasonmaxxer", {"algorithm.objective.offline": offline}))
+    order = [n.provides for n in parts.plan.prepare]
+    base = ("entropy",) if offline else ("base_entropy",)
+    assert order.index(base) < order.index(()) and order.index(("ref_logp",)) < order.index(())
+    assert parts.plan.needs_reference_model
+    assert load_recipe("reasonmaxxer").algorithm.aggregate.name in parts.update.objective.aggregates

@@ -1,4 +1,4 @@
-"""Lion / Lion-kappa (objectives.md §5.1) and StoSignSGD (§5.2)."""
+"""Lion / Lion-kappa (objectives.md §5.1) and StoSignSGD (§5.2): policylab.algo.optimizers.sign."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.optimizers_sign import Lion, StoSignSGD
+from policylab.algo.optimizers.sign import Lion, StoSignSGD
 
 
 def one_step(opt_cls, x, g, **kw):

@@ -1,4 +1,5 @@
-"""KL estimators and controller (advantages_rewards.md E1; objectives.md §1.1) and the entropy bonus (E2)."""
+"""KL estimators and controller (advantages_rewards.md E1; objectives.md §1.1) and the entropy bonus (E2):
+policylab.algo.regularizers.divergence / .entropy."""
 
 from __future__ import annotations
 
@@ -8,24 +9,21 @@ import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.regularizers import adaptive_kl_beta, kl_estimate, token_entropy_from_logits
-from policylab.rollouts import PolicyOutputs, Rollouts
+from policylab.algo.regularizers.divergence import adaptive_kl_beta, kl_estimate
+from policylab.algo.regularizers.entropy import token_entropy_from_logits
+from policylab.config import load_recipe
+from policylab.interfaces import declared
+from policylab.rollouts import PolicyOutputs
+from policylab.testing import make_rollouts
+from policylab.train.components import build_components
 
 LN2 = math.log(2.0)
 
 
 def make_batch(mask, ref_logp=None):
+    """Rollouts with the given right-padded completion mask (and reference log-probs)."""
     mask = torch.as_tensor(mask, dtype=torch.float32)
-    b, t = mask.shape
-    return Rollouts(
-        prompt_ids=torch.ones(b, 1, dtype=torch.long),
-        prompt_mask=torch.ones(b, 1),
-        completion_ids=torch.ones(b, t, dtype=torch.long),
-        completion_mask=mask,
-        group=torch.zeros(b, dtype=torch.long),
-        truncated=torch.zeros(b, dtype=torch.bool),
-        ref_logp=ref_logp,
-    )
+    return make_rollouts(lengths=mask.sum(-1).long().tolist(), width=mask.shape[1], ref_logp=ref_logp)
 
 
 def value_and_grad(estimator, lp=math.log(0.5), lr=math.log(0.25)):
@@ -141,7 +139,7 @@ def test_kl_regularizer_loss_and_metrics():
     ref = torch.full((2, 2), math.log(0.25))
     batch = make_batch([[1, 1], [1, 0]], ref_logp=ref)
     reg = registry.build("regularizer", "kl", {"beta": 0.04, "estimator": "k1"})
-    assert reg.needs_reference()
+    assert declared(reg, "requires") == ("ref_logp",)
     loss, metrics = reg(PolicyOutputs(logp=logp), batch)
     assert torch.allclose(loss[batch.completion_mask > 0], torch.full((3,), 0.04 * LN2))
     assert float(metrics["kl"]) == pytest.approx(LN2, abs=1e-6)  # masked mean: the padded -3.0 is ignored
@@ -150,7 +148,7 @@ def test_kl_regularizer_loss_and_metrics():
 
 def test_kl_regularizer_off_needs_no_reference():
     reg = registry.build("regularizer", "kl", {"beta": 0.0})
-    assert not reg.needs_reference()
+    assert declared(reg, "requires") == ()
     loss, _ = reg(PolicyOutputs(logp=torch.zeros(2, 3)), make_batch(torch.ones(2, 3)))
     assert torch.equal(loss, torch.zeros(2, 3))
 
@@ -279,3 +277,15 @@ def test_E2_T3_zero_coefficient_leaves_the_policy_loss_unchanged():
 def test_E2_missing_entropy_is_a_clear_error():
     with pytest.raises(ValueError, match="entropy"):
         registry.build("regularizer", "entropy")(PolicyOutputs(logp=torch.zeros(1, 2)), make_batch([[1, 1]]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# declarations: the loader gives kl the reference scorer, the recipes chain
+
+
+def test_kl_recipe_chains_with_the_reference_scorer():
+    parts = build_components(load_recipe("grpo"))
+    assert parts.plan.needs_reference_model
+    assert "ref_logp" in parts.plan.provided and "reference_logp" in parts.plan.provided["ref_logp"]
+    assert not build_components(load_recipe("grpo", {"algorithm.regularizers": [{"name": "kl", "beta": 0.0}]})
+                                ).plan.needs_reference_model

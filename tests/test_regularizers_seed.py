@@ -1,4 +1,5 @@
-"""SIREN (advantages_rewards.md E3), DPH-RL (E4), FG-ExPO AKL (E5), PAPO (E6)."""
+"""SIREN (advantages_rewards.md E3), DPH-RL (E4), FG-ExPO AKL (E5), PAPO (E6): the math in
+policylab.algo.regularizers, the registered components (and their annotate hooks) in policylab.annotate."""
 
 from __future__ import annotations
 
@@ -8,25 +9,23 @@ import math
 import pytest
 import torch
 
-from policylab.algo.advantages_probe.common import completion_forward
+from policylab import registry
 from policylab.algo.aggregate import seq_mean_token_mean, seq_mean_token_sum, seq_mean_token_sum_norm, token_mean
-from policylab.algo.regularizers_seed import (
-    AccuracyConditionedKL,
-    DPHRehearsal,
-    PAPORegularizer,
-    SIRENRegularizer,
-    akl_beta,
-    alpha_f,
-    forward_kl_f,
-    js_f,
+from policylab.algo.regularizers.divergence import AccuracyConditionedKL, akl_beta, alpha_f, forward_kl_f, js_f
+from policylab.algo.regularizers.entropy import (
+    SelectiveEntropyPenalty,
     peak_entropy_mask,
     selected_entropy,
-    spread_scalar,
     top_p_entropy,
 )
-from policylab.config import Recipe
+from policylab.algo.regularizers.scalar_penalty import spread_scalar
+from policylab.annotate.perception import PAPORegularizer
+from policylab.annotate.rehearsal import DPHRehearsal
+from policylab.config import load_recipe
+from policylab.interfaces import declared
 from policylab.rollouts import Normaliser, PolicyOutputs
-from test_advantages_probe_common import CharTokenizer, make_ctx, make_rollouts, tiny_model
+from policylab.train.components import build_components
+from test_advantages_probe_common import CharTokenizer, annotated, completion_forward, make_ctx, make_rollouts, tiny_model
 
 LN = math.log
 
@@ -75,8 +74,8 @@ def test_siren_rows_without_selected_tokens_are_excluded():
 def test_siren_regularizer_gradient_anchor_and_resume():
     torch.manual_seed(0)
     head = torch.nn.Linear(4, 12, bias=False)
-    siren = SIRENRegularizer(coef=1.0, top_p=0.95, mask_ratio=0.5, chunk=2)
-    siren.lm_head = head
+    siren = SelectiveEntropyPenalty(coef=1.0, top_p=0.95, mask_ratio=0.5, chunk=2)
+    siren.bind_output_layer(head.weight)
     r = make_rollouts(["p"] * 2, ["abc", "ab"], [0, 0], rewards=[1.0, 0.0])
     hidden = torch.randn(2, 3, 4, requires_grad=True)
     loss, metrics = siren(PolicyOutputs(logp=torch.zeros(2, 3), hidden=hidden), r)
@@ -86,21 +85,38 @@ def test_siren_regularizer_gradient_anchor_and_resume():
     loss2, m2 = siren(PolicyOutputs(logp=torch.zeros(2, 3), hidden=hidden2), r)
     (loss2 * r.completion_mask).sum().backward()
     assert float(m2["siren/mse_entropy_loss"]) > 0 and hidden2.grad.abs().sum() > 0
-    resumed = SIRENRegularizer(coef=1.0)
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0  # the output layer learns too
+    resumed = SelectiveEntropyPenalty(coef=1.0)
     resumed.load_state_dict(copy.deepcopy(siren.state_dict()))
     assert resumed.anchor == siren.anchor
-    with pytest.raises(ValueError, match="prepare"):
-        SIRENRegularizer()(PolicyOutputs(logp=torch.zeros(2, 3), hidden=hidden), r)
+    with pytest.raises(ValueError, match="annotate"):
+        SelectiveEntropyPenalty()(PolicyOutputs(logp=torch.zeros(2, 3), hidden=hidden), r)
 
 
-def test_siren_prepare_takes_output_layer_and_temperature():
+def test_siren_annotate_binds_the_output_layer_and_temperature():
     model = tiny_model()
     ctx = make_ctx(model)
-    ctx.config = Recipe()
-    siren = SIRENRegularizer()
+    ctx.temperature = 0.7
+    siren = registry.build("regularizer", "siren", {})
     r = make_rollouts(["p"], ["ab"], [0], rewards=[1.0])
-    assert siren.prepare(r, ctx) is r
-    assert siren.lm_head is model.get_output_embeddings() and siren.temperature == 1.0
+    assert annotated(siren, r, ctx).extras == r.extras  # provides nothing
+    assert siren.weight is model.get_output_embeddings().weight and siren.temperature == 0.7
+
+
+def test_siren_spreads_for_the_recipe_aggregation_with_the_loop_max_len():
+    siren = registry.build("regularizer", "siren", {"coef": 1.0, "anchor": 0.0, "aggregate": "seq-mean-token-sum-norm"})
+    assert declared(siren, "requires") == ("max_new_tokens",)
+    siren.bind_output_layer(torch.randn(12, 4))
+    r = make_rollouts(["p"] * 2, ["abc", "ab"], [0, 0], rewards=[1.0, 0.0])
+    out = PolicyOutputs(logp=torch.zeros(2, 3), hidden=torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        siren(out, r)
+    r.extras["max_new_tokens"] = 5
+    loss, metrics = siren(out, r)
+    total = seq_mean_token_sum_norm(loss, r.completion_mask, Normaliser.of(r.completion_mask, max_len=5))
+    assert float(total) == pytest.approx(float(metrics["siren/mse_entropy_loss"]), rel=1e-5)
+    with pytest.raises(ValueError, match="aggregate"):
+        registry.build("regularizer", "siren", {"aggregate": "median"})
 
 
 # -- DPH-RL ---------------------------------------------------------------------------------------------
@@ -129,12 +145,11 @@ def test_dph_t3_forward_kl_gradient_is_mass_covering():
 def test_dph_rehearsal_collects_pi0_samples_and_penalises_drift():
     model = tiny_model()
     ctx = make_ctx(model)
-    ctx.config = Recipe()
     r = make_rollouts(["Q: 1+1?"] * 2 + ["Q: 5+5?"] * 2, ["2", "2", "10", "9"], [0, 0, 1, 1], rewards=[1.0, 1.0, 1.0, 0.0])
-    with torch.no_grad():  # π0 log-probs from one plain pass
-        r.behavior_logp = completion_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids)["logp"] * r.completion_mask
+    r.behavior_logp = completion_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids)["logp"] * r.completion_mask
     dph = DPHRehearsal(solved_k=2, rehearsal_batch_size=2)
-    dph.prepare(r, ctx)
+    assert set(declared(dph, "requires")) == {"rewards", "behavior_logp"}
+    annotated(dph, r, ctx)
     assert len(dph.buffer) == 1 and dph.buffer[0]["completion"] == CharTokenizer().encode("2")  # group 1 not solved
     out = PolicyOutputs(logp=torch.zeros(4, 2, requires_grad=True))
     loss, metrics = dph(out, r)
@@ -146,7 +161,7 @@ def test_dph_rehearsal_collects_pi0_samples_and_penalises_drift():
     assert float(metrics["dph/rehearsal_divergence"]) > 0
     (loss * r.completion_mask).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    dph.prepare(r, ctx)  # collect_steps = 1: no more collection
+    annotated(dph, r, ctx)  # collect_steps = 1: no more collection
     assert len(dph.buffer) == 1
     resumed = DPHRehearsal()
     resumed.load_state_dict(copy.deepcopy(dph.state_dict()))
@@ -162,6 +177,8 @@ def test_dph_empty_buffer_and_bad_params():
         DPHRehearsal(divergence="reverse_kl")
     with pytest.raises(ValueError, match="alpha"):
         DPHRehearsal(divergence="alpha", alpha=1.5)
+    with pytest.raises(ValueError, match="behavior_logp"):
+        dph.annotate(r, make_ctx(tiny_model()))
 
 
 # -- FG-ExPO AKL ----------------------------------------------------------------------------------------
@@ -173,18 +190,31 @@ def test_akl_t1_t2_beta_schedule():
     assert all(b > a for a, b in zip(values, values[1:])) and 0.0 <= values[0] and values[-1] <= 0.002
 
 
-def test_akl_regularizer_uses_batch_accuracy():
+def test_akl_regularizer_uses_the_whole_batch_accuracy():
     reg = AccuracyConditionedKL(beta_max=0.002)
-    assert reg.needs_reference()
+    assert set(declared(reg, "requires")) == {"rewards", "akl_batch_accuracy", "ref_logp"}
+    assert "ref_logp" not in declared(AccuracyConditionedKL(beta_max=0.0), "requires")
     r = make_rollouts(["p"] * 4, ["a"] * 4, [0] * 4, rewards=[1.0, 1.0, 0.0, 0.0])
     r.ref_logp = torch.full((4, 1), -1.0)
-    reg.prepare(r, make_ctx(None))
-    loss, metrics = reg(PolicyOutputs(logp=torch.full((4, 1), -0.5)), r)
+    r = annotated(reg, r, make_ctx(None))
+    assert r.extras["akl_batch_accuracy"] == 0.5
+    micro = r.select([0])  # a micro-batch of one correct row still uses the batch's accuracy
+    loss, metrics = reg(PolicyOutputs(logp=torch.full((1, 1), -0.5)), micro)
     k3 = math.exp(-0.5) - 1 + 0.5
     assert float(metrics["akl/beta"]) == pytest.approx(0.001)
-    torch.testing.assert_close(loss, torch.full((4, 1), 0.001 * k3))
+    torch.testing.assert_close(loss, torch.full((1, 1), 0.001 * k3))
     with pytest.raises(ValueError, match="beta_max"):
         AccuracyConditionedKL(beta_min=1.0, beta_max=0.5)
+
+
+def test_akl_without_its_annotation_or_reference_is_a_clear_error():
+    reg = AccuracyConditionedKL()
+    r = make_rollouts(["p"], ["a"], [0], rewards=[1.0])
+    with pytest.raises(ValueError, match="akl_batch_accuracy"):
+        reg(PolicyOutputs(logp=torch.zeros(1, 1)), r)
+    r = annotated(reg, r, make_ctx(None))
+    with pytest.raises(ValueError, match="ref_logp"):
+        reg(PolicyOutputs(logp=torch.zeros(1, 1)), r)
 
 
 # -- PAPO -----------------------------------------------------------------------------------------------
@@ -214,45 +244,46 @@ def test_papo_t3_larger_gap_lowers_the_loss():
     assert losses[0] > losses[1] > losses[2]
 
 
-def test_papo_double_entropy_clip_schedule_and_prepare():
+def test_papo_double_entropy_clip_schedule_and_annotate():
     r, out = _papo_batch(-1.0, -2.0)
     loss, _ = PAPORegularizer(gamma=0.0, eta_aug=0.03, eta_ori=0.03)(out, r)
     assert float(loss.detach()) == pytest.approx(0.03 * 1.0 + 0.03 * 2.0)
     loss, _ = PAPORegularizer(gamma=1.0, kl_clip=0.2)(out, r)
     assert float(loss.detach()) == pytest.approx(-0.2)
-    papo = PAPORegularizer(gamma=0.02, gamma_end=0.0, annealing_ratio=0.5)
+    papo = PAPORegularizer(gamma=0.02, gamma_end=0.0, annealing_ratio=0.5, total_steps=20)
     papo.steps = 5
-    assert papo.schedule(20) == pytest.approx(0.01) and papo.schedule(None) == 0.02
-    model = tiny_model()
-    ctx = make_ctx(model)
-    ctx.config = Recipe()
+    assert papo.gamma == pytest.approx(0.01) and PAPORegularizer(gamma=0.02).gamma == 0.02
+    with pytest.raises(ValueError, match="total_steps"):
+        PAPORegularizer(gamma_end=0.0)
+    ctx = make_ctx(tiny_model())
     batch = make_rollouts(["Q: 12 + 30?"] * 2, ["42", "4"], [0, 0], rewards=[1.0, 0.0])
-    prepared = PAPORegularizer().prepare(batch, ctx)
-    assert prepared.extras["papo_aug_logp"].shape == (2, 2)
-    assert "papo_aug_logp" not in PAPORegularizer(gamma=0.0, eta_ori=0.06).prepare(batch, ctx).extras
-    with pytest.raises(ValueError, match="prepare"):
+    assert annotated(PAPORegularizer(), batch, ctx).extras["papo_aug_logp"].shape == (2, 2)
+    entropy_only = PAPORegularizer(gamma=0.0, eta_ori=0.06)  # VPPO's entropy penalty: no corrupted pass
+    assert declared(entropy_only, "provides") == () and "papo_aug_logp" not in annotated(entropy_only, batch, ctx).extras
+    with pytest.raises(ValueError, match="annotate"):
         PAPORegularizer()(PolicyOutputs(logp=torch.zeros(2, 2)), batch)
 
 
 def test_papo_resume_gives_the_same_schedule_and_corruption():
-    model = tiny_model()
-    ctx = make_ctx(model)
-    ctx.config = Recipe()
-    ctx.config.train.steps = 10
+    ctx = make_ctx(tiny_model())
     batch = make_rollouts(["Q: 12 + 30?"] * 2, ["42", "4"], [0, 0], rewards=[1.0, 0.0])
-    first = PAPORegularizer(gamma=0.02, gamma_end=0.0, seed=1)
-    first.prepare(batch, ctx)
+    first = PAPORegularizer(gamma=0.02, gamma_end=0.0, total_steps=10, seed=1)
+    first.annotate(batch, ctx)
+    first.after_step({})
     state = copy.deepcopy(first.state_dict())
-    a = first.prepare(batch, ctx)
-    second = PAPORegularizer(gamma=0.02, gamma_end=0.0, seed=7)
+    a = first.annotate(batch, ctx)
+    second = PAPORegularizer(gamma=0.02, gamma_end=0.0, total_steps=10, seed=7)
     second.load_state_dict(state)
-    b = second.prepare(batch, ctx)
+    b = second.annotate(batch, ctx)
     assert second.gamma == first.gamma == pytest.approx(0.018)
-    torch.testing.assert_close(b.extras["papo_aug_logp"], a.extras["papo_aug_logp"])
+    torch.testing.assert_close(b["papo_aug_logp"], a["papo_aug_logp"])
 
 
-def test_akl_without_reference_is_a_clear_error():
-    reg = AccuracyConditionedKL()
-    r = make_rollouts(["p"], ["a"], [0], rewards=[1.0])
-    with pytest.raises(ValueError, match="ref_logp"):
-        reg(PolicyOutputs(logp=torch.zeros(1, 1)), r)
+# -- the recipes chain ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["siren", "dph_rl", "fg_expo", "papo", "vppo"])
+def test_recipes_of_the_seed_regularizers_chain(recipe):
+    parts = build_components(load_recipe(recipe))
+    names = [n.where for n in parts.plan.prepare]
+    assert any(w.startswith("algorithm.regularizers") for w in names), names  # their annotate hooks run

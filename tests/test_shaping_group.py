@@ -1,4 +1,4 @@
-"""ArenaRL tournaments (advantages_rewards.md C2), FAPO flawed positives (C6), LLM step judges."""
+"""ArenaRL tournaments (arXiv:2601.06487), FAPO flawed positives (arXiv:2510.22543), LLM step judges."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import policylab.rewards.shaping_group as sg
-from policylab.algo.advantages import grpo_advantage
-from policylab.algo.advantages_probe.step_judges import LLMStepJudge, resolve_judge
+from policylab.algo.advantages.group_baselines import grpo_advantage
 from policylab.rewards.judges.backends import Judge
+from policylab.rewards.judges.steps import LLMStepJudge, resolve_judge
 from policylab.rewards.shaping_group import (
     ArenaRLShaping,
     FAPOShaping,

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from policylab.rollouts import Rollouts
+from policylab.testing import make_rollouts
 from policylab.sampling.vas import (
     DIVERSITY,
     VarianceAwareSampler,
@@ -64,20 +64,17 @@ def test_vas_t3_distinct_3_and_diversity_sign():
 
 
 def _rollouts(group, correct, completions):
-    b = len(group)
-    ids = torch.tensor(completions)
-    return Rollouts(prompt_ids=torch.ones(b, 2, dtype=torch.long), prompt_mask=torch.ones(b, 2), completion_ids=ids,
-                    completion_mask=torch.ones_like(ids, dtype=torch.float32), group=torch.tensor(group),
-                    truncated=torch.zeros(b, dtype=torch.bool), rewards=torch.tensor(correct, dtype=torch.float32),
-                    reward_components={"accuracy": torch.tensor(correct, dtype=torch.float32)})
+    return make_rollouts(correct, group=group, lengths=[len(c) for c in completions], prompt_len=2,
+                         completion_ids=completions, reward_components={"accuracy": correct})
 
 
-def test_vas_prepare_maps_groups_to_indices_refreshes_and_resumes():
+def test_vas_annotate_maps_groups_to_indices_and_after_step_refreshes_and_resumes():
     s = VarianceAwareSampler(update_freq=1, metrics=("learnability", "distinct_n"), weights=(1.0, 0.0))
     s.bind(6, seed=3)
     picked = s.next_batch(2)
     r = _rollouts([0, 0, 1, 1], [1.0, 0.0, 1.0, 1.0], [[1, 2, 3], [4, 5, 6], [1, 2, 3], [1, 2, 3]])
-    s.prepare(r, None)
+    assert s.annotate(r, None) == {}  # an internal-state refresh: it provides no field
+    s.after_step({})
     assert s.pass_rate == {picked[0]: 0.5, picked[1]: 1.0}
     assert s.diversity[picked[1]]["distinct_n"] == pytest.approx(0.5)  # two identical trigrams
     assert s.weights[picked[1]] == 0.0 and s.pending == []
@@ -96,3 +93,24 @@ def test_vas_bad_parameters():
         VarianceAwareSampler().next_batch(2)
     with pytest.raises(ValueError, match="index"):
         VarianceAwareSampler().update({"pass_rate": [1.0]})
+
+
+def test_vas_refreshes_every_update_freq_steps_from_the_loops_pass_rates_alone():
+    s = VarianceAwareSampler(update_freq=2)
+    s.bind(4, seed=0)
+    indices = s.next_batch(2)
+    s.update({"index": indices, "pass_rate": [0.5, 1.0], "step": 0})  # what the loop reports per generation round
+    s.after_step({})
+    assert s.weights == [0.0] * 4 and s.pending == []  # step 1 of 2: no refresh yet
+    s.after_step({})
+    assert s.weights[indices[0]] == pytest.approx(1.0) and s.weights[indices[1]] == 0.0
+
+
+def test_vas_declarations_and_recipe_chain():
+    from policylab.config import load_recipe
+    from policylab.interfaces import declared
+    from policylab.train.components import build_components
+
+    s = VarianceAwareSampler()
+    assert declared(s, "provides") == () and not hasattr(s, "prepare")
+    build_components(load_recipe("vas"))

@@ -1,4 +1,4 @@
-"""Loss aggregation modes (objectives.md §0 "Loss aggregation"; advantages_rewards.md §0).
+"""Loss aggregation modes: how a per-token loss [B,T] becomes the scalar the optimizer minimises.
 
 Every mode divides a micro-batch's masked loss sum by a *global* normaliser of the optimizer
 mini-batch, so summing micro-batch losses reproduces the full-batch loss (test T-MICRO).
@@ -12,13 +12,13 @@ from policylab.registry import register
 from policylab.rollouts import Normaliser
 
 
-@register("aggregate", "token-mean", spec="objectives.md §0")
+@register("aggregate", "token-mean", spec="arXiv:2503.14476 §3.3 (DAPO token-level policy gradient loss)")
 def token_mean(loss: Tensor, mask: Tensor, norm: Normaliser) -> Tensor:
     """sum_{i,t} m*l / N_tok, N_tok = trained tokens of the whole mini-batch (DAPO, TRL 'dapo')."""
     return (loss * mask).sum() / norm.num_tokens
 
 
-@register("aggregate", "seq-mean-token-mean", spec="objectives.md §0")
+@register("aggregate", "seq-mean-token-mean", spec="arXiv:2402.03300 §4.1 eq. 3 (GRPO)")
 def seq_mean_token_mean(loss: Tensor, mask: Tensor, norm: Normaliser) -> Tensor:
     """(1/N_seq) sum_i (sum_t m*l / L_i), N_seq = sequences with L_i > 0 (original GRPO)."""
     lengths = mask.sum(-1)
@@ -26,13 +26,13 @@ def seq_mean_token_mean(loss: Tensor, mask: Tensor, norm: Normaliser) -> Tensor:
     return per_seq.sum() / norm.num_seqs
 
 
-@register("aggregate", "seq-mean-token-sum", spec="objectives.md §0")
+@register("aggregate", "seq-mean-token-sum", spec="verl loss_agg_mode 'seq-mean-token-sum'")
 def seq_mean_token_sum(loss: Tensor, mask: Tensor, norm: Normaliser) -> Tensor:
     """(1/N_seq) sum_i sum_t m*l."""
     return (loss * mask).sum() / norm.num_seqs
 
 
-@register("aggregate", "seq-mean-token-sum-norm", spec="objectives.md §0, §1.2 (Dr. GRPO)")
+@register("aggregate", "seq-mean-token-sum-norm", spec="arXiv:2503.20783 §3.1 (Dr. GRPO)")
 def seq_mean_token_sum_norm(loss: Tensor, mask: Tensor, norm: Normaliser, *, norm_constant: str = "batch_x_max_len") -> Tensor:
     """sum_{i,t} m*l / C with a constant C (Dr. GRPO).
 

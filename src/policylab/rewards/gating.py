@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from policylab.fields import declare_field
 from policylab.registry import register
+
+# Written by a multi-turn rollout engine (one list of per-turn immediate rewards per completion); no
+# engine in this tree writes it yet, so gated_reward with per-turn lists needs such an engine.
+declare_field("turn_rewards", per_row=True, shape="list[B]", owner="multi-turn rollout engine",
+              doc="per completion, the list of immediate (per-turn) rewards")
 from policylab.rollouts import Rollouts
 
 

@@ -30,6 +30,6 @@ def soft_overlong(
     if not max_len:
         raise ValueError("soft_overlong needs max_len (or rollouts.extras['max_new_tokens'])")
     cache_len = cache_len or max(1, round(buffer_fraction * max_len))
-    lengths = torch.as_tensor(rollouts.extras.get("completion_lengths", rollouts.lengths)).float()
+    lengths = rollouts.lengths.float()
     penalty = soft_overlong_penalty(lengths, float(max_len), float(cache_len), penalty_factor)
     return penalty, {"overlong/penalty_mean": float(penalty.mean()), "overlong/penalised_frac": float((penalty < 0).float().mean())}

@@ -1,5 +1,5 @@
-"""Group-level reward shaping with judges: ArenaRL tournaments (advantages_rewards.md C2) and FAPO's
-flawed-positive penalty (C6).
+"""Group-level reward shaping with judges: ArenaRL tournaments (arXiv:2601.06487) and FAPO's
+flawed-positive penalty (arXiv:2510.22543). The step judges they use live in ``rewards/judges/steps.py``.
 
 Per-sample rewards of the same section live elsewhere and are reused, not duplicated: SSL tiers and
 RL-Struct are rewards in rewards/structure.py, OTC (with its per-question optimum) is the ``otc``
@@ -19,11 +19,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from policylab.algo.advantages_probe.common import correctness
-from policylab.algo.advantages_probe.step_judges import first_flawed_step, llm_judge, resolve_judge
-from policylab.algo.group_stats import group_index
+from policylab.algo.group_stats import correctness, group_index
 from policylab.registry import register
 from policylab.rewards.basic import last_number
+from policylab.rewards.judges.steps import first_flawed_step, llm_judge, resolve_judge
 from policylab.rollouts import Rollouts
 
 # -- ArenaRL (C2) ---------------------------------------------------------------------------------------------
@@ -129,9 +128,9 @@ def pairwise_judge(spec, *, criterion: str, rubric_key: str):
                      "LLM-judge options or a callable")
 
 
-@register("reward_shaping", "arena_rl", spec="advantages_rewards.md C2")
+@register("reward_shaping", "arena_rl", spec="arXiv:2601.06487 (seeded single elimination; rank->score map ours)")
 class ArenaRLShaping:
-    """ArenaRL: each group plays a seeded single-elimination tournament judged pairwise (both orders,
+    """ArenaRL (arXiv:2601.06487): each group plays a seeded single-elimination tournament judged pairwise (both orders,
     position-debiased); u_i = wins_i / ⌈log2 N⌉ (byes count as wins) becomes the reward (``mode="replace"``,
     so GRPO on top gives A = (u − mean)/std) or is added with ``weight`` (``mode="add"``).
 
@@ -141,7 +140,7 @@ class ArenaRLShaping:
     rank→score map and anchor seeding are ours. On arithmetic use judge "closeness" or "reward".
     """
 
-    def __init__(self, judge="closeness", seeding: str = "anchor", mode: str = "replace", weight: float = 1.0,
+    def __init__(self, judge: str | dict | Callable = "closeness", seeding: str = "anchor", mode: str = "replace", weight: float = 1.0,
                  criterion: str = "Which response solves the task more correctly and with sounder reasoning?",
                  rubric_key: str = "rubric"):
         if seeding not in ("anchor", "reward"):
@@ -205,23 +204,24 @@ class ArenaRLShaping:
 # -- FAPO (C6) -----------------------------------------------------------------------------------------------
 
 
-@register("reward_shaping", "fapo", spec="advantages_rewards.md C6")
+@register("reward_shaping", "fapo", spec="arXiv:2510.22543 (flawed-positive penalty, verl recipe/fapo)")
 class FAPOShaping:
-    """FAPO: a correct rollout whose reasoning a generative judge flags (earliest flawed step ≠ −1) loses
+    """FAPO (arXiv:2510.22543): a correct rollout whose reasoning a generative judge flags (earliest flawed step ≠ −1) loses
     ``penalty``; with ``base_reward="pm1"`` rewards become +1 / −1 first (released recipe: a flawed positive
     ends at 0, between clean positives and negatives). Only correct rollouts are judged; an unparsable
     verdict counts as not flawed. Judge: "arithmetic" (rule steps, the testbed's), "none", "module:attr",
     a callable ``(prompt, completion) -> per-step verdicts``, or a mapping of LLM-judge options.
-    Then use any GRPO-style advantage.
+    Then use any GRPO-style advantage. Correct = the ``accuracy`` component (policylab.algo.group_stats.correctness)
+    when the batch has one, else reward >= ``correct_threshold`` (inclusive, as the released reward function).
     """
 
-    def __init__(self, judge="arithmetic", penalty: float = 1.0, base_reward: str = "pm1", correct_threshold: float = 0.5,
+    def __init__(self, judge: str | dict | Callable = "arithmetic", penalty: float = 1.0, base_reward: str = "pm1", correct_threshold: float = 0.5,
                  delimiter: str = "\n\n", tail_chars: int | None = None):
         if base_reward not in ("pm1", "keep"):
             raise ValueError(f"fapo base_reward must be 'pm1' or 'keep', got {base_reward!r}")
         self.judge = resolve_judge(judge, delimiter=delimiter)
         if self.judge is None:
-            raise ValueError("fapo cannot use judge 'policy' (reward shaping runs before any prepare hook)")
+            raise ValueError("fapo cannot use judge 'policy' (reward shaping runs before the annotators, without the model)")
         self.penalty, self.base_reward, self.threshold, self.tail_chars = penalty, base_reward, correct_threshold, tail_chars
 
     def __call__(self, rollouts: Rollouts) -> tuple[Tensor, dict]:
@@ -252,7 +252,7 @@ class FAPOShaping:
 # -- RL-Struct adapter (C7) ---------------------------------------------------------------------------------
 
 
-@register("reward", "rl_struct_fixed_schema", spec="advantages_rewards.md C7")
+@register("reward", "rl_struct_fixed_schema", spec="arXiv:2512.00319 (four-term structured-output reward)")
 def rl_struct_fixed_schema(prompt: str, completion: str, row: dict, *, schema: dict | None = None, w_valid: float = 0.25,
                            w_struct: float = 0.25, w_format: float = 0.25, w_content: float = 0.25,
                            gold_key: str = "answer", answer_field: str = "answer", format_over: str = "schema") -> float:

@@ -23,6 +23,11 @@ from torch import Tensor
 
 from policylab import registry
 from policylab.registry import register
+from policylab.fields import declare_field
+
+# Written by a multi-turn (tool-using) rollout engine; without one, OTC counts tool-call tags in the text.
+declare_field("tool_calls", per_row=True, shape="[B]", dtype="any", owner="multi-turn rollout engine",
+              doc="number of tool calls the engine executed for each completion")
 from policylab.rollouts import Rollouts
 
 

@@ -1,10 +1,11 @@
-"""Group filters: which prompt groups of a generation round reach the trainer (data_agents_eval.md A1)."""
+"""Group filters: which prompt groups of a generation round reach the trainer (DAPO dynamic sampling)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from policylab.algo.advantages.reductions import group_sum
 from policylab.algo.group_stats import group_index
 from policylab.registry import register
 from policylab.rollouts import Rollouts
@@ -20,9 +21,11 @@ def group_metric(rollouts: Rollouts, metric: str) -> Tensor:
     raise ValueError(f"group filter metric must be 'acc' or 'score', got {metric!r}")
 
 
-@register("group_filter", "zero_variance", spec="data_agents_eval.md A1 (DAPO dynamic sampling)")
+@register("group_filter", "zero_variance", spec="arXiv:2503.14476 §3.2 (DAPO dynamic sampling)",
+          requires=("rewards", "reward_components"))
 def keep_nonzero_variance(rollouts: Rollouts, *, metric: str = "acc") -> Tensor:
-    """Keep a group iff the population std of its metric is > 0, or it has exactly one member.
+    """DAPO dynamic sampling (arXiv:2503.14476 §3.2): keep a group iff the population std of its metric
+    (accuracy or score) is > 0, i.e. its rewards are not all equal, or it has exactly one member.
 
     Rows whose reward failed (NaN) are left out of the std, as they are left out of the advantage
     baseline: [1, 1, NaN] has zero advantage everywhere and is dropped.
@@ -32,8 +35,8 @@ def keep_nonzero_variance(rollouts: Rollouts, *, metric: str = "acc") -> Tensor:
     valid = (~torch.isnan(rollouts.rewards) & ~torch.isnan(values)).double()
     values = torch.nan_to_num(values, nan=0.0)
     idx, k = group_index(rollouts.group)
-    members = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, torch.ones_like(values))
-    count = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, valid).clamp(min=1)
-    mean = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, values * valid) / count
-    var = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, valid * (values - mean[idx]) ** 2) / count
+    members = group_sum(torch.ones_like(values), idx, k)
+    count = group_sum(valid, idx, k).clamp(min=1)
+    mean = group_sum(values * valid, idx, k) / count
+    var = group_sum(valid * (values - mean[idx]) ** 2, idx, k) / count
     return (var > 1e-12) | (members == 1)

@@ -1,4 +1,4 @@
-"""Prompt samplers (data_agents_eval.md §0.2 item 4): deterministic given a seed, resumable."""
+"""Prompt samplers: deterministic given a seed, resumable (the ``sampler`` of a recipe)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from policylab.registry import register
 
 
 class ShuffleSampler:
-    """Epoch-wise shuffled prompt order: every prompt once per epoch, a new permutation each epoch."""
+    """Epoch-wise shuffled prompt order: every prompt once per epoch, a new permutation (seeded by seed and
+    epoch) each epoch. The default sampler; no paper."""
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -52,4 +53,4 @@ class ShuffleSampler:
         self._order = self._permutation(self.epoch)
 
 
-register("sampler", "shuffle", spec="data_agents_eval.md §0.2")(ShuffleSampler)
+register("sampler", "shuffle", spec="epoch-wise shuffled prompt order (no paper)")(ShuffleSampler)

@@ -1,5 +1,5 @@
-"""MMR1 Variance-Aware Sampling (advantages_rewards.md D4; data_agents_eval.md A2): draw prompts whose
-rollouts are expected to disagree more often, mixed with uniform draws to keep coverage.
+"""MMR1 Variance-Aware Sampling (arXiv:2509.21268): draw prompts whose rollouts are expected to disagree more
+often, mixed with uniform draws to keep coverage.
 """
 
 from __future__ import annotations
@@ -83,19 +83,24 @@ DIVERSITY = {"distinct_n": distinct_n, "self_bleu": self_bleu_diversity, "edit_d
 METRICS = ("learnability", *DIVERSITY)
 
 
-@register("sampler", "vas", spec="advantages_rewards.md D4; data_agents_eval.md A2")
+@register("sampler", "vas", spec="arXiv:2509.21268 (Variance-Aware Sampling)")
 class VarianceAwareSampler:
-    """VAS: each batch draws ⌊λ·n⌋ prompts with replacement ∝ w(VPS) and the rest uniformly (a shuffled
-    permutation walked with wrap-around), interleaved.
+    """VAS (MMR1, arXiv:2509.21268): each batch draws ⌊λ·n⌋ prompts with replacement ∝ w(VPS) and the rest
+    uniformly (a shuffled permutation walked with wrap-around), interleaved.
 
-    VPS(x) = Σ_m weight_m·metric_m(x) over ``metrics`` ("learnability" = p(1 − p), "distinct_n",
-    "self_bleu", "edit_distance"), min–max normalised over the dataset and blended with the old weights
-    by ``momentum``, refreshed every ``update_freq`` steps. Statistics come from the training rollouts
-    (``prepare``: group ids map to the order of ``next_batch`` indices, as the hf engine numbers groups)
-    or from ``update({"index": [...], "pass_rate": [...], "diversity": [...]})``; MMR1's separate
-    scoring pass over the whole dataset is not run. Prompts never seen count as pass rate
-    ``unseen_pass_rate`` and diversity 0. While all weights are 0 the weighted part draws uniformly.
+    VPS(x) = Σ_m weight_m·metric_m(x) over ``metrics`` ("learnability" = p(1 − p), the outcome variance;
+    "distinct_n", "self_bleu", "edit_distance" for trajectory diversity), min–max normalised over the dataset
+    and blended with the old weights by ``momentum``, refreshed every ``update_freq`` steps (``after_step``).
+    Pass rates come from the loop's ``update({"index": [...], "pass_rate": [...]})`` after each generation
+    round; ``annotate`` (an internal-state refresh: it provides no field) also reads pass rates and the
+    diversity of this step's prompts from their rollouts (group ids map to the order of ``next_batch``
+    indices, as the engines number groups). MMR1's separate scoring pass over the whole dataset is not run.
+    Prompts never seen count as pass rate ``unseen_pass_rate`` and diversity 0. While all weights are 0 the
+    weighted part draws uniformly.
     """
+
+    requires = ("rewards", "reward_components", "completion_ids", "completion_mask", "group")
+    provides = ()
 
     def __init__(self, mixture_ratio: float = 0.5, update_freq: int = 4, metrics: Sequence[str] = ("learnability",),
                  weights: Sequence[float] = (1.0,), momentum: float = 0.0, unseen_pass_rate: float = 0.5, seed: int = 0):
@@ -176,8 +181,8 @@ class VarianceAwareSampler:
             if d is not None:
                 self.diversity[int(i)] = dict(d)
 
-    def prepare(self, rollouts, ctx):
-        """Learn pass rates and diversity of this step's prompts from their rollouts, then maybe refresh."""
+    def annotate(self, rollouts, ctx=None) -> dict:
+        """Learn pass rates and diversity of this step's prompts from their rollouts; provides no field."""
         correct = rollouts.reward_components.get("accuracy")
         if correct is None:
             correct = (torch.nan_to_num(rollouts.rewards.float(), nan=0.0) > 0).float()
@@ -192,11 +197,14 @@ class VarianceAwareSampler:
             rates.append(float(correct[rows].mean()))
             div.append({name: fn(seqs) for name, fn in DIVERSITY.items() if name in self.metrics})
         self.update({"index": index, "pass_rate": rates, "diversity": div})
+        return {}
+
+    def after_step(self, metrics: dict | None = None) -> None:
+        """One training step done: forget this step's draws and refresh the weights every ``update_freq`` steps."""
         self.pending = []
         self.steps += 1
         if self.steps % self.update_freq == 0:
             self.refresh()
-        return rollouts
 
     # -- weights ----------------------------------------------------------------------------------------------
     def vps(self, i: int) -> float:

@@ -1,14 +1,17 @@
-"""Offline preference pairs (objectives.md §3.7–§3.8): a jsonl loader, a synthetic arithmetic pair task,
-and the conversion of pair rows into Rollouts (chosen and rejected as two rows of one prompt group).
+"""Offline preference pairs (DPO arXiv:2305.18290, KTO arXiv:2402.01306 on pair data): a jsonl loader, a
+synthetic arithmetic pair task, and the batch transform that turns pair rows into Rollouts (chosen and
+rejected as two rows of one prompt group).
 
 How an offline-pair recipe runs in the loop (no loop change needed):
 1. the task (``pairs`` or ``arithmetic_pairs``) yields rows ``{prompt, chosen, rejected, [answer], [system]}``;
 2. the rollout engine generates as usual (the recipes ask for group_size 1 and few tokens: that output is
    discarded) and the rewards score it (they must not all fail: give the rows an ``answer``, or use a reward
    that tolerates rows without one);
-3. the preference objective's ``prepare`` hook calls :func:`pair_rollouts`, which replaces each group by two
-   rows, chosen then rejected, with ``extras["pref_label"]`` = +1 / -1, rewards 1 / 0, and no behaviour
-   log-probs; the loop then fills ``ref_logp`` for these rows (the objective declares needs_reference).
+3. the preference objectives (dpo, kto, copg, trpa) require the field ``pref_label``, so the loader adds the
+   ``offline_pairs`` batch transform, which calls :func:`pair_rollouts`: each group becomes two rows, chosen then
+   rejected, with ``pref_label`` = +1 / -1, rewards 1 / 0 and no behaviour log-probs; a batch of generated
+   (online) rows passes unchanged with ``pref_label`` = 0. The reference scorer then fills ``ref_logp`` for the
+   rows the objective trains on.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 
+from policylab.fields import declare_field, lookup
 from policylab.registry import register
 from policylab.rollouts import Rollouts
 from policylab.tasks import Task
@@ -26,6 +30,10 @@ from policylab.tasks.arithmetic import make_problem
 from policylab.tasks.files import DatasetError, read_jsonl, split_rows
 
 PAIR_COLUMNS = ("chosen", "rejected")
+
+PREF_LABEL = declare_field("pref_label", per_row=True, shape="[B]", dtype="long", owner="batch transform 'offline_pairs'",
+                           doc="+1 = chosen, -1 = rejected row of an offline preference pair; 0 = no offline label "
+                               "(generated rows: preference objectives take pairs/labels from the rewards)")
 
 
 def check_pair_row(row: dict, where: str) -> dict:
@@ -50,7 +58,7 @@ def read_pair_rows(path: str | Path) -> list[dict]:
     return [check_pair_row(r, f"{path}:{i + 1}") for i, r in enumerate(rows)]
 
 
-@register("task", "pairs", spec="objectives.md §3.8 (offline preference pairs)")
+@register("task", "pairs", spec="arXiv:2305.18290 (offline preference pairs for DPO)")
 def pairs_task(*, path: str, eval_path: str | None = None, eval_fraction: float = 0.1, seed: int = 0) -> Task:
     """Preference pairs from a jsonl file with ``prompt``, ``chosen``, ``rejected`` (optional ``answer``, ``system``)."""
     rows = read_pair_rows(path)
@@ -61,7 +69,7 @@ def pairs_task(*, path: str, eval_path: str | None = None, eval_fraction: float 
     return Task(Path(path).stem, train=train, eval=evaluation)
 
 
-@register("task", "arithmetic_pairs", spec="objectives.md §3.8 (synthetic offline pairs)")
+@register("task", "arithmetic_pairs", spec="arXiv:2305.18290 (synthetic offline preference pairs)")
 def arithmetic_pairs_task(*, train_size: int = 500, eval_size: int = 100, operators: str = "+", low: int = 10,
                           high: int = 99, max_error: int = 10,
                           template: str = "What is {expr}? Give only the final number.", seed: int = 1234) -> Task:
@@ -133,10 +141,34 @@ def pair_rollouts(rollouts: Rollouts, tokenizer, *, append_eos: bool = True) -> 
         completion_ids[k, :len(t)], completion_mask[k, :len(t)] = t, 1.0
     label = torch.tensor(labels, dtype=torch.long)
     rewards = (label > 0).float()
-    extras = {k: v for k, v in rollouts.extras.items() if not isinstance(v, torch.Tensor) or v.dim() == 0}
+    extras = {k: v for k, v in rollouts.extras.items() if not lookup(k).per_row}  # per-batch fields carry over
     extras["pref_label"] = label
     return Rollouts(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids, completion_mask=completion_mask,
         group=torch.arange(b) // 2, truncated=torch.zeros(b, dtype=torch.bool), prompts=prompts, completions=completions,
         rows=rows, rewards=rewards, reward_components={"accuracy": rewards.clone()}, extras=extras,
     )
+
+
+class OfflinePairs:
+    """Offline preference pairs as training rows (the data side of DPO, arXiv:2305.18290, and KTO on pair data).
+
+    ``transform``: a batch whose rows all carry ``chosen``/``rejected`` texts is replaced by two rows per prompt
+    (:func:`pair_rollouts`: chosen then rejected, ``pref_label`` +1 / -1, rewards 1 / 0); any other batch passes
+    unchanged with ``pref_label`` = 0. It adds and drops rows, so it is a batch transform. Registered also as an
+    annotator with ``auto_provider`` so that the loader adds it whenever a component requires ``pref_label``
+    (train/stages.py looks auto providers up among annotators); a recipe may list it under
+    ``algorithm.batch_transforms`` instead.
+    """
+
+    provides = (PREF_LABEL,)
+    auto_provider = True
+
+    def transform(self, rollouts: Rollouts, ctx) -> Rollouts:
+        if has_pair_rows(rollouts.rows):
+            return pair_rollouts(rollouts, ctx.tokenizer)
+        return rollouts.with_(extras={**rollouts.extras, "pref_label": torch.zeros(rollouts.batch_size, dtype=torch.long)})
+
+
+register("batch_transform", "offline_pairs", spec="arXiv:2305.18290 (offline preference pairs)")(OfflinePairs)
+register("annotator", "offline_pairs", spec="arXiv:2305.18290 (offline preference pairs)")(OfflinePairs)
