@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from policylab import registry
-from policylab.algo.advantages import grpo_advantage
+from policylab.algo.advantages.group_baselines import grpo_advantage
 from policylab.rollouts import Normaliser, PolicyOutputs, Rollouts
+from policylab.testing import fill_required
 
 OBJECTIVES = registry.names("objective")
 MAX_LEN = 9.0  # the constant length normaliser; deliberately larger than the batch's T so a batch-max bug shows
@@ -88,7 +89,7 @@ def make_rollouts(rewards, *, lengths=LENGTHS, group=GROUP, width=T, off_policy=
         old_logp=old_logp,
         ref_logp=ref_logp,
         entropy=entropy.clone(),
-        extras={"max_new_tokens": int(MAX_LEN), "completion_lengths": torch.tensor(lengths, dtype=torch.float32)},
+        extras={"max_new_tokens": int(MAX_LEN)},
     )
     batch.advantages = grpo_advantage(batch)
     return batch, logp, entropy, hidden
@@ -102,13 +103,13 @@ def call_objective(name, out, batch, test_id):
     """Run a freshly built objective; any exception is a failure that says how to resolve it."""
     try:
         objective = registry.build("objective", name)
-        result = objective(out, batch)
+        result = objective(out, fill_required(objective, batch, hidden=HIDDEN))
     except Exception as err:  # noqa: BLE001 - we want every failure reported the same clear way
         pytest.fail(
             f"objective {name!r} raised {type(err).__name__}: {err}\n"
             f"on the shared {test_id} fixture (PolicyOutputs: logp, entropy, hidden; Rollouts: behavior_logp, old_logp, "
             f"ref_logp, entropy, rewards, reward_components 'accuracy'/'format', advantages [B], rows, "
-            f"extras 'max_new_tokens'/'completion_lengths'). If the objective needs a generic input missing here, add it "
+            f"extras 'max_new_tokens'). If the objective needs a generic input missing here, add it "
             f"to make_rollouts() in tests/test_objective_properties.py; if its spec says {test_id} does not hold, "
             f"register it with tags=('skip:{test_id}',) and say why in its docstring."
         )
@@ -273,6 +274,8 @@ PARTITIONS = {
 def test_micro_batches_sum_to_the_full_batch(name, mode, partition, off_policy):
     skip_if_tagged(name, "T-MICRO")
     batch, logp, entropy, hidden = make_rollouts([1.0, 0.0, 0.0, 1.0, 0.5, 0.2], off_policy=OFF_POLICY[off_policy])
+    # annotated fields are computed once per batch, before it is cut into micro-batches (as in the loop)
+    batch = fill_required(registry.build("objective", name), batch, hidden=HIDDEN)
     agg_name, params, _ = AGGREGATIONS[mode]
     aggregate_fn = registry.build("aggregate", agg_name, params)
     norm = Normaliser.of(batch.completion_mask, MAX_LEN)  # global counts of the whole mini-batch
