@@ -6,7 +6,6 @@ import argparse
 import importlib
 import json
 import sys
-from pathlib import Path
 
 from policylab import registry
 from policylab.config import RecipeError, available_recipes, load_raw, parse_override
@@ -55,10 +54,32 @@ def _recipes(args) -> int:
     return 0
 
 
+def _declarations(target) -> dict[str, str]:
+    """requires/provides of a registered target as text; a parameter-dependent one says so."""
+    from policylab import fields as F
+
+    out = {}
+    for what in ("requires", "provides"):
+        value = getattr(target, what, ())
+        if callable(value):
+            out[what] = "(depends on parameters)"
+        else:
+            names = [v.name if isinstance(v, F.FieldSpec) else str(v) for v in (value or ())]
+            out[what] = ", ".join(names)
+    return out
+
+
 def _components(args) -> int:
     registry.load_all()
-    data = {kind: [{"name": e.name, "summary": e.summary, "spec": e.spec} for _, e in sorted(registry.entries(kind).items())]
-            for kind in registry.KINDS}
+    data = {}
+    for kind in registry.KINDS:
+        items = []
+        for _, e in sorted(registry.entries(kind).items()):
+            item = {"name": e.name, "summary": e.summary, "paper": e.spec}
+            if args.verbose:
+                item.update(module=e.target.__module__, **_declarations(e.target))
+            items.append(item)
+        data[kind] = items
     if args.kind:
         if args.kind not in data:
             print(f"policylab components: unknown kind {args.kind!r}{registry.suggest(args.kind, data)}", file=sys.stderr)
@@ -70,11 +91,12 @@ def _components(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("kind", "name", "spec", "summary")
+    columns = ["kind", "name", "paper", "summary"] + (["module", "requires", "provides"] if args.verbose else [])
+    table = Table(*columns)
     for kind, items in data.items():
         for item in items:
-            table.add_row(kind, item["name"], item["spec"], item["summary"])
-    Console().print(table)
+            table.add_row(kind, *[str(item.get(c, "")) for c in columns[1:]])
+    Console(width=None if not args.verbose else 240).print(table)
     return 0
 
 
@@ -125,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("components", help="list registered components by kind")
     c.add_argument("kind", nargs="?")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--verbose", "-v", action="store_true", help="also the module and the fields each requires/provides")
     c.set_defaults(func=_components)
     for name, help_text in (("eval", "evaluate a model or checkpoint on a task (pass@k, maj@k, calibration, ...)"),
                             ("arena", "run several recipes side by side and write a report"),
