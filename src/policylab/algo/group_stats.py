@@ -17,6 +17,14 @@ def group_index(group: Tensor) -> tuple[Tensor, int]:
     return inverse, int(inverse.max().item()) + 1 if inverse.numel() else 0
 
 
+def group_sum(values: Tensor, idx: Tensor, k: int, dtype: torch.dtype | None = None) -> Tensor:
+    """[K] per-group sums of ``values`` [B] over dense group ids ``idx``, in ``dtype`` (default: the values'),
+    on the values' device; differentiable (index_add, not in place), so losses may use it."""
+    dtype = dtype or values.dtype
+    out = torch.zeros(k, dtype=dtype, device=values.device)
+    return out.index_add(0, idx.to(values.device), values.to(dtype))
+
+
 def group_mean_std(values: Tensor, group: Tensor, *, unbiased: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row (mean, std, count) of the row's group over non-NaN values.
 

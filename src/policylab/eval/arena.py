@@ -365,7 +365,9 @@ def spec_from_args(args) -> ArenaSpec:
 
 
 def main_arena(argv: list[str]) -> int:
-    _quiet_transformers()
+    from policylab.models import quiet_transformers
+
+    quiet_transformers()
     args = arena_parser().parse_args(argv)
     try:
         spec = spec_from_args(args)
@@ -388,12 +390,3 @@ def main_arena(argv: list[str]) -> int:
     print(f"report: {arena_dir / 'report.html'}")
     return 0
 
-
-def _quiet_transformers() -> None:
-    """Per-file progress bars of from_pretrained/save_pretrained would drown the command's own output."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass

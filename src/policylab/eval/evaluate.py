@@ -279,7 +279,9 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def main_eval(argv: list[str]) -> int:
-    _quiet_transformers()
+    from policylab.models import quiet_transformers
+
+    quiet_transformers()
     from policylab import models
     from policylab.config import RecipeError, load_recipe, parse_override
     from policylab.registry import RegistryError, build
@@ -330,12 +332,3 @@ def main_eval(argv: list[str]) -> int:
     print(json.dumps(shown, indent=1, default=str))
     return 0
 
-
-def _quiet_transformers() -> None:
-    """Per-file progress bars of from_pretrained/save_pretrained would drown the command's own output."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass

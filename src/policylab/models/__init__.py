@@ -190,3 +190,14 @@ def load(name: str, dtype: str = "float32", device: str | torch.device = "cpu", 
         tok.pad_token = tok.eos_token
     model.to(device=device, dtype=_DTYPES[dtype])
     return model, tok
+
+
+def quiet_transformers() -> None:
+    """Turn off transformers' per-file progress bars (from_pretrained/save_pretrained), which would drown a
+    command's own output; the one place the CLI, the loop, eval and arena do this."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass

@@ -398,12 +398,7 @@ def train(recipe: str | Recipe = "grpo", *, run_dir: str | Path | None = None, r
     return trainer.run()
 
 
-try:  # per-file progress bars of save_pretrained would drown the run's own progress line
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-except ImportError:  # pragma: no cover
-    pass
+models.quiet_transformers()  # per-file progress bars of save_pretrained would drown the run's progress line
 
 if os.environ.get("POLICYLAB_DETERMINISTIC"):
     torch.use_deterministic_algorithms(True)

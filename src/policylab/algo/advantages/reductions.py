@@ -6,9 +6,12 @@ Groups are arbitrary (non-contiguous) prompt ids; every reduction goes through d
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
+from policylab.algo import group_stats
 from policylab.algo.group_stats import group_index, nan_to_zero
 from policylab.rollouts import Rollouts
 
@@ -20,9 +23,8 @@ def rewards_of(rollouts: Rollouts, who: str) -> Tensor:
     return rollouts.rewards.float()
 
 
-def group_sum(values: Tensor, idx: Tensor, k: int) -> Tensor:
-    """[K] per-group sums of ``values`` [B] (dense group ids ``idx``), in float64."""
-    return torch.zeros(k, dtype=torch.float64).index_add_(0, idx, values.double())
+# the estimators' statistics are accumulated in float64
+group_sum = functools.partial(group_stats.group_sum, dtype=torch.float64)
 
 
 def group_max(values: Tensor, idx: Tensor, k: int, empty: float = float("-inf")) -> Tensor:

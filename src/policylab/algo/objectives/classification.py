@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from policylab.algo.group_stats import group_index
+from policylab.algo.group_stats import group_index, group_sum
 from policylab.algo.objectives.policy_gradient import masked_mean, old_logp_of, token_log_ratio
 from policylab.algo.objectives.sequence_level import (
     SEQUENCE_LEVEL_AGGREGATE,
@@ -24,11 +24,6 @@ from policylab.algo.objectives.sequence_level import (
 from policylab.fields import declare_field
 from policylab.registry import register
 from policylab.rollouts import PolicyOutputs, Rollouts
-
-
-def group_sum(values: Tensor, idx: Tensor, k: int) -> Tensor:
-    """[K] per-group sums of ``values`` [B] over dense group ids ``idx`` (dtype and device of ``values``)."""
-    return torch.zeros(k, dtype=values.dtype, device=values.device).index_add(0, idx.to(values.device), values)
 
 
 def labels_from_rewards(batch: Rollouts, threshold: float) -> tuple[Tensor, Tensor]:

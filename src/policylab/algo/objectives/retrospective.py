@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from policylab.algo.group_stats import group_index
-from policylab.algo.objectives.classification import group_sum
+from policylab.algo.group_stats import group_sum
 from policylab.algo.objectives.policy_gradient import ppo_clip_loss
 from policylab.algo.objectives.sequence_level import part_scales
 from policylab.fields import declare_field
