@@ -86,7 +86,7 @@ def test_d3s_zero_variance_group_and_errors():
     with pytest.raises(ValueError, match="sample_fraction"):
         D3SAdvantage(sample_fraction=0.0, relax_steps=10)
     with pytest.raises(ValueError, match="total_steps"):
-        D3SAdvantage().transform(r)
+        D3SAdvantage().transform(r)  # no ctx: no run length to relax over
     with pytest.raises(ValueError, match="transform"):
         D3SAdvantage(relax_steps=10)(r)
 

@@ -4,6 +4,7 @@ policylab.algo.regularizers, the registered components (and their annotate hooks
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -254,7 +255,12 @@ def test_papo_double_entropy_clip_schedule_and_annotate():
     papo.steps = 5
     assert papo.gamma == pytest.approx(0.01) and PAPORegularizer(gamma=0.02).gamma == 0.02
     with pytest.raises(ValueError, match="total_steps"):
-        PAPORegularizer(gamma_end=0.0)
+        PAPORegularizer(gamma_end=0.0).gamma  # no horizon yet
+    from_run = PAPORegularizer(gamma=0.02, gamma_end=0.0, annealing_ratio=0.5)
+    from_run.annotate(make_rollouts(["Q"], ["4"], [0], rewards=[1.0]),
+                      dataclasses.replace(make_ctx(tiny_model()), total_steps=20))
+    from_run.steps = 5
+    assert from_run.total_steps == 20 and from_run.gamma == pytest.approx(0.01)  # the run's train.steps
     ctx = make_ctx(tiny_model())
     batch = make_rollouts(["Q: 12 + 30?"] * 2, ["42", "4"], [0, 0], rewards=[1.0, 0.0])
     assert annotated(PAPORegularizer(), batch, ctx).extras["papo_aug_logp"].shape == (2, 2)

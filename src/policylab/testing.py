@@ -89,7 +89,7 @@ def tiny_model(seed: int = 0, vocab: int = 128, hidden: int = 32, layers: int = 
 
 
 def make_context(policy=None, tokenizer=None, *, reference=None, step: int = 0, temperature: float = 1.0,
-                 reward=None, engine=None, chunk: int = 128):
+                 reward=None, engine=None, chunk: int = 128, total_steps: int = 0):
     """A StageContext (train/context.py) over ``policy``: ``score`` is the loop's teacher-forced forward,
     ``generate`` goes through ``engine`` (default: a bound ``hf`` engine) when a policy is given."""
     from policylab.interfaces import Sampling
@@ -117,7 +117,7 @@ def make_context(policy=None, tokenizer=None, *, reference=None, step: int = 0, 
         raise RuntimeError("make_context: no reward given")
 
     return TrainContext(policy=policy, tokenizer=tokenizer, reference=reference, device="cpu", temperature=temperature,
-                        reward=reward or no_reward, score=score, generate=generate, step=step)
+                        reward=reward or no_reward, score=score, generate=generate, step=step, total_steps=total_steps)
 
 
 def fill_required(component, rollouts: Rollouts, *, seed: int = 0, hidden: int = 8, ctx=None) -> Rollouts:

@@ -59,6 +59,8 @@ class PAPORegularizer(PerceptionKLPenalty, _CorruptedPromptPass):
 
     @torch.no_grad()
     def annotate(self, rollouts: Rollouts, ctx) -> dict:
+        if self.total_steps is None and getattr(ctx, "total_steps", 0):
+            self.total_steps = ctx.total_steps  # gamma_end anneals over the run's train.steps
         return {self.aug_field: self._aug_logp(rollouts, ctx)} if self.needs_aug else {}
 
     def state_dict(self) -> dict:

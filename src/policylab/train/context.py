@@ -27,3 +27,4 @@ class TrainContext:
     # (requests, **sampling overrides) -> Rollouts, through the recipe's engine
     generate: Callable[..., Rollouts]
     step: int = 0
+    total_steps: int = 0  # train.steps of the run (schedules that relax over a fraction of the run)

@@ -89,7 +89,7 @@ class Trainer:
         self.parts.engine.bind(self.model, self.tokenizer)
         self.ctx = TrainContext(policy=self.model, tokenizer=self.tokenizer, reference=self.ref_model, device=self.device,
                                 temperature=self._temperature(), reward=self.parts.rewards, score=self.score,
-                                generate=self.generate_for)
+                                generate=self.generate_for, total_steps=recipe.train.steps)
         self.logger = RunLogger(self.run_dir, progress=recipe.train.progress, total_steps=recipe.train.steps)
         if resume:
             self._resume()

@@ -114,6 +114,8 @@ class D3SAdvantage:
 
     @torch.no_grad()
     def transform(self, rollouts: Rollouts, ctx=None) -> Rollouts:
+        if self.total_steps is None and ctx is not None and ctx.total_steps:
+            self.total_steps = ctx.total_steps  # the run's train.steps, unless the recipe fixed a horizon
         rho_s, rho_tok = self.fractions()
         adv = self.base(rollouts)
         adv_seq = adv if adv.dim() == 1 else (adv * rollouts.completion_mask).sum(-1) / rollouts.completion_mask.sum(-1).clamp(min=1)

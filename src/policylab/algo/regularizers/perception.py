@@ -34,8 +34,6 @@ class PerceptionKLPenalty:
     def __init__(self, gamma: float = 0.01, eta_aug: float = 0.0, eta_ori: float = 0.0, kl_clip: float | None = None,
                  top_fraction: float | None = None, gamma_end: float | None = None, annealing_ratio: float = 1.0,
                  total_steps: int | None = None):
-        if gamma_end is not None and not total_steps:
-            raise ValueError("papo gamma_end anneals over annealing_ratio of total_steps: set total_steps (the run's train.steps)")
         self.gamma0, self.eta_aug, self.eta_ori, self.kl_clip, self.top_fraction = gamma, eta_aug, eta_ori, kl_clip, top_fraction
         self.gamma_end, self.annealing_ratio, self.total_steps = gamma_end, annealing_ratio, total_steps
         self.steps = 0
@@ -49,6 +47,9 @@ class PerceptionKLPenalty:
         """γ_t at the current step."""
         if self.gamma_end is None:
             return self.gamma0
+        if not self.total_steps:
+            raise ValueError("papo gamma_end anneals over annealing_ratio of total_steps: set total_steps, or run it "
+                             "in the loop, whose annotate pass takes the run's train.steps")
         horizon = max(1.0, self.annealing_ratio * self.total_steps)
         return self.gamma0 + (self.gamma_end - self.gamma0) * min(1.0, self.steps / horizon)
 
