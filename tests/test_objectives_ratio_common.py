@@ -124,6 +124,7 @@ ANNOTATING = {  # objective -> (params, fields it requires)
     "gbpo": ({}, ("rewards",)),
     "gtpo": ({}, ("rewards",)),
     "hapo": ({}, ("entropy",)),
+    "mdpo": ({}, ()),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 import pytest
 import torch
 
@@ -184,7 +185,10 @@ def test_mdpo_schedule_and_sampled_kl_is_nonnegative():
 
 
 def test_mdpo_after_step_counts_rollout_batches_against_the_run_length():
-    objective = registry.build("objective", "mdpo", {"total_iterations": 10})
+    objective = registry.build("objective", "mdpo")
+    batch, _ = make_batch([[0.0]], [[0.0]], [1.0])
+    annotated(objective, batch, SimpleNamespace(total_steps=10))  # K = the run's train.steps; provides nothing
+    assert objective.total_iterations == 10
     assert objective.step_size == 1.0  # the first batch trains at k = 1
     for _ in range(4):
         objective.after_step({})
@@ -196,10 +200,10 @@ def test_mdpo_after_step_counts_rollout_batches_against_the_run_length():
     for _ in range(40):
         objective.after_step({})
     assert objective.step_size == pytest.approx(0.1)  # past K it stays at 1/K
-    assert not hasattr(objective, "prepare") and not hasattr(objective, "annotate")
-    unbounded = registry.build("objective", "mdpo")
-    unbounded.after_step({})
-    assert unbounded.step_size == 1.0  # without total_iterations: no annealing
+    assert not hasattr(objective, "prepare")
+    fixed = registry.build("objective", "mdpo", {"total_iterations": 4})
+    annotated(fixed, batch, SimpleNamespace(total_steps=10))
+    assert fixed.total_iterations == 4  # the recipe's horizon wins
 
 
 def test_mdpo_first_inner_step_is_reinforce_and_later_steps_are_pulled_back():

@@ -123,8 +123,8 @@ class GTPO:
 
     delta and n_i come from the conflict masks (``gtpo_token_factors``), computed once per rollout batch by the
     ``annotate`` hook (signs of R - group mean; ``requires`` the rewards) and provided as ``gtpo_conflict_factor``
-    [B,T], ``gtpo_num_conflict`` [B] and ``gtpo_num_completions`` (per-batch). Entropy filter on the completion's mean current-policy entropy
-    Hbar_i: A_i := 0 if Hbar_i > ent_threshold, else A_i := A_i - ent_scale*Hbar_i (also for A_i = 0, as in the
+    [B,T], ``gtpo_num_conflict`` [B] and ``gtpo_num_completions`` (per-batch). Entropy filter on the completion's
+    mean current-policy entropy Hbar_i: A_i := 0 if Hbar_i > ent_threshold, else A_i := A_i - ent_scale*Hbar_i (also for A_i = 0, as in the
     code). Use the seq-mean-token-mean aggregation: it supplies the per-completion 1/L_i and a mean over
     completions (``gtpo_reduce="mean"``); ``"sum"`` (the code's total over completions) multiplies by the number
     of completions in the rollout batch. Strictly on-policy (the ratio has value 1), as in the code.
@@ -185,4 +185,5 @@ class GTPO:
         return loss, metrics
 
 
-register("objective", "gtpo", spec="arXiv:2508.03772 (GTPO; exact from the released code)", tags=("skip:T-ONPOL", "skip:T-ZEROADV", "skip:T-MICRO"))(GTPO)
+register("objective", "gtpo", spec="arXiv:2508.03772 (GTPO; exact from the released code)",
+         tags=("skip:T-ONPOL", "skip:T-ZEROADV", "skip:T-MICRO"))(GTPO)

@@ -212,8 +212,8 @@ class MDPO:
     sampled estimator rho*log(rho) - rho + 1 (the exact per-vocabulary KL needs both full distributions,
     which the training forward does not keep; ``exact_token_kl`` is the pure form). k counts rollout batches:
     ``after_step`` (once per step, after the optimizer) moves to the next iteration; the count is checkpointed in
-    ``state_dict``. K is ``total_iterations`` (set it to the run's train.steps); without it the step size stays
-    t = 1 (no annealing); beyond K, t stays 1/K.
+    ``state_dict``. K is ``total_iterations``, else the run's train.steps, which the ``annotate`` hook reads from
+    the StageContext (``ctx.total_steps``; it only refreshes this state and provides no field); beyond K, t stays 1/K.
 
     Shared test T-ZEROADV holds on-policy only (hence the tag): off-policy the KL proximity term pulls every
     token, zero-advantage ones included, back toward the frozen iterate.
@@ -224,6 +224,14 @@ class MDPO:
             raise ValueError(f"mdpo total_iterations must be >= 1, got {total_iterations}")
         self.total_iterations = total_iterations
         self.iteration = 1  # k of the batch being trained on
+
+    provides = ()
+
+    def annotate(self, rollouts: Rollouts, ctx=None) -> dict:
+        """K from the run's length when the recipe fixed none; provides no field."""
+        if self.total_iterations is None and getattr(ctx, "total_steps", 0):
+            self.total_iterations = max(int(ctx.total_steps), 1)
+        return {}
 
     def after_step(self, metrics: dict | None = None) -> None:
         self.iteration += 1

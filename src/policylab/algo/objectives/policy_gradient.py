@@ -97,7 +97,8 @@ def clipped_surrogate(ratio: Tensor, adv: Tensor, eps_low: float, eps_high: floa
     return loss, is_clipped, dual
 
 
-@register("objective", "ppo_clip", spec="arXiv:1707.06347 §3 eq. 7; dual clip arXiv:1912.09729; clip-higher arXiv:2503.14476 §3.1")
+@register("objective", "ppo_clip",
+          spec="arXiv:1707.06347 §3 eq. 7; dual clip arXiv:1912.09729; clip-higher arXiv:2503.14476 §3.1")
 def ppo_clip_loss(
     out: PolicyOutputs,
     batch: Rollouts,
