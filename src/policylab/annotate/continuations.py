@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from policylab.annotate.token_batches import pad_left
+from policylab.models.kv_cache import cache_kwargs, returned_cache
 
 
 @contextlib.contextmanager
@@ -67,7 +68,7 @@ def _sample_chunk(model, flat, max_new_tokens, temperature, eos_id, pad_id, gene
     n = ids.shape[0]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, last_pos = out.past_key_values, positions[:, -1:]
+    cache, last_pos = returned_cache(out), positions[:, -1:]
     logits = out.logits[:, -1]
     tokens: list[list[int]] = [[] for _ in range(n)]
     logps: list[list[float]] = [[] for _ in range(n)]
@@ -88,8 +89,8 @@ def _sample_chunk(model, flat, max_new_tokens, temperature, eos_id, pad_id, gene
         mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
         last_pos = last_pos + 1
         out = model(input_ids=nxt[:, None].to(device), attention_mask=mask, position_ids=last_pos,
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+                    **cache_kwargs(model, cache), use_cache=True)
+        cache, logits = returned_cache(out), out.logits[:, -1]
     return [{"tokens": tokens[j], "logp": torch.tensor(logps[j]), "entropy": torch.tensor(entropies[j])}
             for j in range(n)]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from policylab.rollouts import PolicyOutputs, Rollouts
+from policylab.models.kv_cache import cache_kwargs
 from policylab.models.vocab import token_logp_entropy
 
 
@@ -50,7 +51,8 @@ def shared_prompt_hidden(base, batch: Rollouts, device) -> torch.Tensor | None:
     prompt_ids, prompt_mask = batch.prompt_ids[first].to(device), batch.prompt_mask[first].to(device).long()
     cache = DynamicCache()
     prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    prompt_hidden = base(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, past_key_values=cache,
+    prompt_hidden = base(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos,
+                         **cache_kwargs(base, cache),
                          use_cache=True).last_hidden_state
     cache.batch_select_indices(inverse.to(device))
     completion_ids = batch.completion_ids.to(device)
@@ -58,7 +60,7 @@ def shared_prompt_hidden(base, batch: Rollouts, device) -> torch.Tensor | None:
     start = batch.prompt_mask.to(device).long().sum(-1, keepdim=True)
     positions = start + torch.arange(completion_ids.shape[1], device=device)[None, :]
     completion_hidden = base(input_ids=completion_ids, attention_mask=attention, position_ids=positions,
-                             past_key_values=cache, use_cache=True).last_hidden_state
+                             **cache_kwargs(base, cache), use_cache=True).last_hidden_state
     # token t is predicted by the state before it: the prompt's last state for t=0, completion state t-1 after
     return torch.cat([prompt_hidden[inverse.to(device), -1:], completion_hidden[:, :-1]], dim=1)
 

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from policylab.algo.logits_transforms import apply_transforms
 from policylab.registry import register
 from policylab.rollout.hf import TEMPERATURE_FACTOR, HFEngine, Sampling, eos_token_ids, mean_factor
+from policylab.models.kv_cache import cache_kwargs
 from policylab.rollouts import Rollouts
 
 
@@ -89,7 +90,7 @@ class PrunedDecodeEngine(HFEngine):
         positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                       **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
         if len(distinct) < len(prompts):
             cache.batch_select_indices(inverse)
         logits, positions = logits[inverse], positions[inverse]
@@ -131,7 +132,7 @@ class PrunedDecodeEngine(HFEngine):
                 active, attention, chosen, next_pos = active[keep], attention[keep], chosen[keep], next_pos[keep]
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             logits = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=next_pos[:, None],
-                           past_key_values=cache, use_cache=True).logits[:, -1]
+                           **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
         model.train(was_training)
         width = int(lengths.max()) if batch else 0
