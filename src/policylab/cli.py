@@ -1,4 +1,4 @@
-"""`policylab ...`: train, recipes, components, eval, arena, verify."""
+"""`policylab ...`: train, recipes, components, show, samples, eval, arena, verify."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from policylab.config import RecipeError, available_recipes, load_raw, parse_ove
 
 
 def _train(args) -> int:
+    import signal
+
+    from policylab.train import interrupt
     from policylab.train.loop import TrainingError, train
 
     words = list(args.words)
@@ -27,11 +30,20 @@ def _train(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides[key] = value
+    if args.reward:  # your functions replace the recipe's rewards; rewards.N.weight=... overrides still apply after
+        overrides = {"rewards": list(args.reward), **overrides}
     try:
         run_dir = train(recipe, run_dir=args.run_dir or args.resume, resume=bool(args.resume), **overrides)
     except (RecipeError, registry.RegistryError, TrainingError, ValueError, FileNotFoundError) as err:
         print(f"policylab train: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # a second Ctrl-C, or one before training started: no traceback
+        if not getattr(err, "policylab_reported", False):  # the trainer has not printed where the run stands
+            print("policylab train: interrupted", file=sys.stderr)
+        return interrupt.exit_code(signal.SIGINT)
+    stopped = interrupt.read_marker(run_dir)
+    if stopped:  # a graceful stop: the trainer printed the line with the resume command
+        return int(stopped["exit_code"])
     print(f"run directory: {run_dir}")
     return 0
 
@@ -100,6 +112,55 @@ def _components(args) -> int:
     return 0
 
 
+def _show(args) -> int:
+    from policylab.train import run_report
+
+    try:
+        text = run_report.report(args.run_dir)
+    except run_report.NotARunError as err:
+        print(f"policylab show: error: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+def _samples(args) -> int:
+    from rich.console import Console, Group
+    from rich.panel import Panel
+    from rich.text import Text
+
+    from policylab.train import run_report
+
+    try:
+        run_report.read_run(args.run_dir)  # the same "is this a run folder" check as `show`
+        by_step = run_report.read_samples(args.run_dir)
+    except run_report.NotARunError as err:
+        print(f"policylab samples: error: {err}", file=sys.stderr)
+        return 2
+    if not by_step:
+        print(f"policylab samples: error: {args.run_dir}/samples.jsonl holds no samples yet", file=sys.stderr)
+        return 2
+    step = max(by_step) if args.step is None else args.step
+    if step not in by_step:
+        steps = sorted(by_step)
+        gaps = "" if len(steps) == steps[-1] - steps[0] + 1 else f" ({len(steps)} steps, not contiguous)"
+        print(f"policylab samples: error: step {step} has no samples in {args.run_dir}/samples.jsonl; "
+              f"logged steps: {steps[0]}..{steps[-1]}{gaps}", file=sys.stderr)
+        return 2
+    console = Console(highlight=False)
+    rows = by_step[step]
+    console.print(f"step {step}: {len(rows)} samples ({args.run_dir}/samples.jsonl)")
+    for n, row in enumerate(rows, 1):
+        reward = row.get("reward")
+        title = f"sample {n}  reward {reward:.3f}" if isinstance(reward, (int, float)) else f"sample {n}  reward -"
+        # Text, not markup: completions may contain [brackets] that rich would otherwise interpret
+        body = Group(Text("prompt", style="bold"), Text(str(row.get("prompt", ""))),
+                     Text("completion", style="bold"), Text(str(row.get("completion", ""))),
+                     Text.assemble(("answer ", "bold"), str(row.get("answer"))))
+        console.print(Panel(body, title=title, title_align="left"))
+    return 0
+
+
 def _delegate(module: str, function: str):
     """Subcommands implemented by a family module take the raw argv after the subcommand."""
 
@@ -128,7 +189,11 @@ def train_parser() -> argparse.ArgumentParser:
                    help="recipe name (see `policylab recipes`) or YAML path, then dotted overrides, "
                         "e.g. algorithm.objective.eps_high=0.28")
     t.add_argument("--model", help="smollm2 (default) | tiny | hub id | model folder | file.gguf")
-    t.add_argument("--task", help="arithmetic (default) | a registered task | file.jsonl | file.parquet")
+    t.add_argument("--task", help="arithmetic (default) | a registered task | file.jsonl | file.parquet | a datasets "
+                                  "folder (save_to_disk or data files) | a hub id owner/name")
+    t.add_argument("--reward", action="append", metavar="FILE.py:FN", help="your reward function, file.py:fn or "
+                   "package.module:fn (TRL's fn(prompts, completions, **kwargs) or fn(prompt, completion, row)); "
+                   "repeatable; replaces the recipe's rewards")
     t.add_argument("--steps", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--run-dir", help="where the run lives (default runs/<recipe>-<model>-<time>)")
@@ -149,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.add_argument("--verbose", "-v", action="store_true", help="also the module and the fields each requires/provides")
     c.set_defaults(func=_components)
+    s = sub.add_parser("show", help="summary of a run (also one still going) and a refreshed curves.png")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.set_defaults(func=_show)
+    p = sub.add_parser("samples", help="print the logged completions of one step of a run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--step", type=int, help="the step to print (default: the last logged step)")
+    p.set_defaults(func=_samples)
     for name, help_text in (("eval", "evaluate a model or checkpoint on a task (pass@k, maj@k, calibration, ...)"),
                             ("arena", "run several recipes side by side and write a report"),
                             ("verify", "check a predicted math answer against a gold answer")):

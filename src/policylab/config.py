@@ -8,6 +8,7 @@ the key path and suggests the nearest valid spelling.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from policylab import registry
 from policylab.registry import RegistryError, suggest
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+TRACKER_NAMES = ("tensorboard", "wandb", "trackio")  # train.report_to; adapters in train/trackers.py
 
 
 class RecipeError(ValueError):
@@ -99,6 +101,22 @@ class TrainConfig(Strict):
     max_bad_steps: int = Field(3, ge=1)  # consecutive non-finite steps before the run stops
     device: str = "auto"
     progress: bool = True
+    # experiment trackers mirroring metrics.jsonl (the optional 'tracking' extra); off by default
+    report_to: list[str] = Field(default_factory=list)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _known_trackers(cls, v):
+        if v is None or v == "none":
+            return []
+        if isinstance(v, str):  # train.report_to=wandb or =tensorboard,wandb on the command line
+            v = [part.strip() for part in v.split(",") if part.strip()]
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"expected a list of tracker names from {list(TRACKER_NAMES)}")
+        for name in v:
+            if name not in TRACKER_NAMES:
+                raise ValueError(f"unknown tracker {name!r}" + suggest(str(name), TRACKER_NAMES))
+        return list(dict.fromkeys(v))  # a tracker named twice would log everything twice
 
 
 class Recipe(Strict):
@@ -114,12 +132,39 @@ class Recipe(Strict):
     optimizer: Component = Component(name="adamw", lr=1e-6)
     train: TrainConfig = TrainConfig()
 
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _import_path_rewards(cls, v):
+        return [reward_entry(r) for r in v] if isinstance(v, list) else v
+
     @field_validator("rewards")
     @classmethod
     def _nonempty_rewards(cls, v):
         if not v:
             raise ValueError("a recipe needs at least one reward")
         return v
+
+
+def reward_entry(entry: Any) -> Any:
+    """A reward given as an import path (``my_rewards.py:score``, ``pkg.mod:fn``; as a list item or as a name)
+    is the ``python`` reward with that path (rewards/user.py). A relative file path becomes absolute here, so
+    config.yaml names the same file when ``--resume`` or ``policylab eval`` run from another directory."""
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict):
+        return entry
+    entry = dict(entry)
+    if ":" in str(entry.get("name", "")):
+        if "path" in entry:
+            raise ValueError(f"reward {entry['name']!r} is an import path and also has path={entry['path']!r}; give one")
+        entry["name"], entry["path"] = "python", entry["name"]
+    path = entry.get("path")
+    if entry.get("name") == "python" and isinstance(path, str):
+        target, sep, qualname = path.rpartition(":")
+        is_file = target.endswith(".py") or "/" in target or os.sep in target
+        if sep and is_file and not Path(target).expanduser().is_absolute():
+            entry["path"] = f"{os.path.abspath(os.path.expanduser(target))}:{qualname}"
+    return entry
 
 
 # ----------------------------------------------------------------------------------------------

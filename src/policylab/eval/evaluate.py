@@ -284,7 +284,8 @@ def main_eval(argv: list[str]) -> int:
     quiet_transformers()
     from policylab import models
     from policylab.config import RecipeError, load_recipe, parse_override
-    from policylab.registry import RegistryError, build
+    from policylab.registry import RegistryError, build, names
+    from policylab.tasks.hf_datasets import task_for_name
     from policylab.train import checkpoint
 
     args = eval_parser().parse_args(argv)
@@ -292,6 +293,11 @@ def main_eval(argv: list[str]) -> int:
         overrides = dict(parse_override(o) for o in args.set)
         if args.task:
             overrides["task.name"] = args.task
+        if "task.name" in overrides:  # a data file, datasets folder or hub id stands for its task
+            spec = task_for_name(str(overrides["task.name"]), names("task"))
+            if spec is not None:
+                overrides.pop("task.name")
+                overrides["task"] = spec
         target = Path(args.target) if args.target else None
         if target is not None and (target / "config.yaml").exists():
             recipe = load_recipe(str(target / "config.yaml"), overrides)
@@ -303,9 +309,8 @@ def main_eval(argv: list[str]) -> int:
             model_name = args.target or args.model
             if not model_name:
                 raise ValueError("name a run directory or a model (TARGET or --model)")
-            if str(overrides.get("task.name", "")).endswith((".jsonl", ".parquet", ".json")):
-                overrides["task"] = {"name": "file", "path": overrides.pop("task.name")}
             recipe = load_recipe(args.recipe, overrides)
+        reward_fn = primary_reward(recipe)  # a recorded user reward that cannot be imported fails before the model loads
         task = build("task", recipe.task.name, recipe.task.params, where="task")()
         rows = task.eval[: args.num_prompts]
         if not rows:
@@ -314,7 +319,7 @@ def main_eval(argv: list[str]) -> int:
         model, tokenizer = models.load(model_name, recipe.model.dtype, device, tiny=recipe.model.tiny, seed=args.seed)
         engine = recipe_engine(recipe, model, tokenizer)
         try:
-            result = evaluate(model, tokenizer, rows, primary_reward(recipe), k=args.k, temperature=args.temperature,
+            result = evaluate(model, tokenizer, rows, reward_fn, k=args.k, temperature=args.temperature,
                               top_p=args.top_p, max_new_tokens=args.max_new_tokens or recipe.rollout.max_new_tokens,
                               greedy=not args.no_greedy, er_stride=args.er_stride, seed=args.seed,
                               keep_samples=args.samples, engine=engine)

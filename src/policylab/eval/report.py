@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from policylab.eval.summary import TABLE_METRICS, RunRecord
+# the matplotlib helpers live with the single-run curves (train floor), so both plots share them
+from policylab.train.run_report import pyplot as _pyplot
+from policylab.train.run_report import smooth, smoothing_window  # noqa: F401 (smooth: part of this module's API)
 
 # (file stem, title, y metric, x axis) for the training curves
 CURVES = [
@@ -23,33 +26,6 @@ CURVES = [
     ("entropy_vs_step", "Token entropy vs step", "entropy", "step"),
     ("length_vs_step", "Completion length vs step", "completion_length/mean", "step"),
 ]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)  # files only; never open a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def smooth(values: list[float], window: int) -> list[float]:
-    """Centred moving average; the window shrinks at both ends so every point keeps its own step."""
-    if window <= 1:
-        return list(values)
-    half = window // 2
-    out = []
-    for i in range(len(values)):
-        chunk = values[max(0, i - half) : i + half + 1]
-        out.append(sum(chunk) / len(chunk))
-    return out
-
-
-def smoothing_window(num_steps: int) -> int:
-    """Per-step RL metrics of small batches are noisy: average over ~1/10 of the run (odd, >= 1)."""
-    window = max(1, num_steps // 10)
-    return window if window % 2 else window + 1
 
 
 def _mean_band(runs: list[RunRecord], key: str, axis: str, window: int = 1):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from policylab.eval.stats import Interval, difference_ci, mean_ci
+from policylab.train.run_report import read_jsonl, split_metrics  # one reader for run folders
 
 # (key in the summary, label in the report); held-out numbers first, then training dynamics and cost
 TABLE_METRICS = [
@@ -110,27 +111,9 @@ def _tail_mean(values: list[float], count: int) -> float | None:
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """(training lines, evaluation lines) of a metrics.jsonl. A line with ``eval/`` keys is an
-    evaluation (prefix removed, ``step`` kept); a line with any other metric is a training step.
+    """(training lines, evaluation lines) of a metrics.jsonl (``eval/`` prefix removed from evaluations).
     A torn last line (the run was killed mid-write) is skipped; a bad line elsewhere is an error."""
-    steps, evals = [], []
-    lines = path.read_text().splitlines()
-    for number, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError as err:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}:{number} is not valid JSON: {err}") from None
-        ev = {k[len("eval/"):]: v for k, v in line.items() if k.startswith("eval/")}
-        if ev:
-            ev["step"] = line.get("step")
-            evals.append(ev)
-        if any(not k.startswith("eval/") and k != "step" for k in line):
-            steps.append({k: v for k, v in line.items() if not k.startswith("eval/")})
-    return steps, evals
+    return split_metrics(read_jsonl(path)[0])
 
 
 def read_run(label: str, recipe: str, seed: int, directory: Path) -> RunRecord:

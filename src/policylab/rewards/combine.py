@@ -2,7 +2,8 @@
 
 A reward that raises or returns None (or NaN) marks that sample's total reward NaN: the advantage
 stage leaves it out of its group's baseline and gives it a zero advantage; it is counted in
-``reward/failed``. ``accuracy`` is the first reward component read as correct (> 0.5).
+``reward/failed``. ``accuracy`` is the first reward component read as correct (> 0.5). A reward with ``batched = True``
+(rewards/user.py: TRL-style functions) is called once per batch through ``score_batch``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class RewardCombiner:
             params = dict(spec.params)
             weight = float(params.pop("weight", 1.0))
             fn = registry.build("reward", spec.name, params, where=f"rewards.{i}")
-            self.rewards.append(NamedReward(spec.name, weight, fn))
+            # a user function logs under its own name (reward/score), not the component's ("python")
+            self.rewards.append(NamedReward(getattr(fn, "reward_name", spec.name), weight, fn))
         self.failures_logged = 0
 
     def score_one(self, reward: NamedReward, prompt: str, completion: str, row: dict) -> float:
@@ -49,12 +51,25 @@ class RewardCombiner:
         except (TypeError, ValueError):
             return math.nan
 
+    def score_batch(self, reward: NamedReward, prompts: list[str], completions: list[str], rows: list[dict]) -> list[float]:
+        """A batched reward (``score_batch``, e.g. a TRL-style user function): one call; a raise fails the batch."""
+        try:
+            return reward.fn.score_batch(prompts, completions, rows)
+        except Exception as err:  # as in score_one: the batch's samples fail, the run goes on
+            if self.failures_logged < 5:
+                warnings.warn(f"reward {reward.name!r} raised {type(err).__name__}: {err}", stacklevel=2)
+                self.failures_logged += 1
+            return [math.nan] * len(completions)
+
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(completions), dtype=torch.float32)
         for reward in self.rewards:
-            values = torch.tensor([self.score_one(reward, p, c, r) for p, c, r in zip(prompts, completions, rows)],
-                                  dtype=torch.float32)
+            if getattr(reward.fn, "batched", False):
+                scores = self.score_batch(reward, prompts, completions, rows)
+            else:
+                scores = [self.score_one(reward, p, c, r) for p, c, r in zip(prompts, completions, rows)]
+            values = torch.tensor(scores, dtype=torch.float32)
             key = reward.name if reward.name not in components else f"{reward.name}_{len(components)}"
             components[key] = values
             total = total + reward.weight * values  # NaN propagates: any failed component fails the sample

@@ -1,5 +1,6 @@
-"""Tasks from files: jsonl and parquet with columns prompt, answer, optional system (+ extras);
-HF datasets when the `datasets` package is installed. Errors name the file and line."""
+"""Tasks from files: jsonl and parquet with columns prompt (a string, or TRL's conversational list of
+{role, content} messages), answer, optional system (+ extras). Errors name the file and line.
+Hugging Face datasets (saved folders, data folders, hub ids): tasks/hf_datasets.py."""
 
 from __future__ import annotations
 
@@ -16,11 +17,25 @@ class DatasetError(ValueError):
     """A dataset file or row that cannot be used; the message names the file and line/row."""
 
 
+def check_messages(messages: Any, where: str, column: str = "prompt") -> None:
+    """A conversational prompt (TRL's format): a non-empty list of {"role": str, "content": str} dicts."""
+    if not messages:
+        raise DatasetError(f"{where}: column {column!r} is an empty message list")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DatasetError(f"{where}: column {column!r} message {j} must be {{'role': str, 'content': str}}, "
+                               f"got {m!r:.80}")
+
+
 def _check_row(row: Any, where: str, require_answer: bool) -> dict:
     if not isinstance(row, dict):
         raise DatasetError(f"{where}: expected an object with 'prompt' and 'answer', got {type(row).__name__}")
-    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-        raise DatasetError(f"{where}: missing or empty 'prompt'")
+    prompt = row.get("prompt")
+    if isinstance(prompt, (list, tuple)):
+        check_messages(prompt, where)
+        row["prompt"] = [dict(m) for m in prompt]
+    elif not isinstance(prompt, str) or not prompt.strip():
+        raise DatasetError(f"{where}: missing or empty 'prompt' (a string or a list of {{role, content}} messages)")
     if require_answer and row.get("answer") is None:
         raise DatasetError(f"{where}: missing 'answer'")
     if "system" in row and row["system"] is not None and not isinstance(row["system"], str):
@@ -92,31 +107,3 @@ def file_task(*, path: str, eval_path: str | None = None, eval_fraction: float =
     else:
         train, evaluation = split_rows(rows, eval_fraction, seed)
     return Task(Path(path).stem, train=train, eval=evaluation)
-
-
-@register("task", "hf_dataset", spec="foundation issue §4")
-def hf_dataset_task(*, path: str, split: str = "train", eval_split: str | None = None, prompt_column: str = "prompt",
-                    answer_column: str = "answer", config: str | None = None, eval_fraction: float = 0.1, seed: int = 0) -> Task:
-    """A Hugging Face dataset (needs the optional `datasets` package and a local copy or hub access)."""
-    try:
-        import datasets
-    except ImportError:
-        raise DatasetError("task hf_dataset needs the `datasets` package: pip install datasets") from None
-
-    def load(split_name):
-        ds = datasets.load_dataset(path, config, split=split_name)
-        for col in (prompt_column, answer_column):
-            if col not in ds.column_names:
-                raise DatasetError(f"dataset {path} split {split_name} has no column {col!r} (columns: {ds.column_names})")
-        out = []
-        for i, r in enumerate(ds):
-            row = dict(r)
-            row["prompt"], row["answer"] = row.pop(prompt_column), str(row.pop(answer_column))
-            out.append(_check_row(row, f"{path}[{split_name}] row {i}", True))
-        return out
-
-    rows = load(split)
-    if eval_split:
-        return Task(path, train=rows, eval=load(eval_split))
-    train, evaluation = split_rows(rows, eval_fraction, seed)
-    return Task(path, train=train, eval=evaluation)

@@ -1,4 +1,5 @@
-"""Run outputs: metrics.jsonl (one line per step), samples.jsonl, and a rich progress bar."""
+"""Run outputs: metrics.jsonl (one line per step), samples.jsonl, a rich progress bar (or one line per step
+when stderr is not a terminal), and at the end the run's summary and curves PNG (train/run_report.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from policylab.rollouts import Rollouts
+from policylab.train import run_report
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -65,18 +67,22 @@ class RunLogger:
         self._progress = None
         self._task = None
         self.last: dict[str, Any] = {}
+        self.last_eval: tuple[int, dict[str, float]] | None = None
+        self._step_times: list[float] = []  # this session's step times, for the ETA
 
     def start(self, step: int) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # printed first, before any step, so the folder can be watched (`policylab show`) while the run goes
+        print(f"policylab: run folder {self.run_dir} (step {step} of {self.total}); "
+              f"watch it with: policylab show {self.run_dir}", file=sys.stderr, flush=True)
         if self.progress_enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, TextColumn
 
-            self._progress = Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
-                                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            # a short bar, so an 80-column terminal still shows the step count and every field in full
+            self._progress = Progress(TextColumn("[bold]step {task.completed:.0f}/{task.total:.0f}"),
+                                      BarColumn(bar_width=16), TextColumn("{task.fields[info]}"), transient=False)
             self._progress.start()
             self._task = self._progress.add_task("train", total=self.total, completed=step, info="")
-        else:
-            print(f"policylab: training in {self.run_dir} (step {step} of {self.total})", file=sys.stderr)
 
     def _append(self, path: Path, record: dict) -> None:
         with path.open("a") as f:
@@ -90,18 +96,32 @@ class RunLogger:
             self._append(self.samples_path, {"step": step, "prompt": batch.prompts[i], "completion": batch.completions[i],
                                              "answer": batch.rows[i].get("answer"), "reward": reward})
         self.last = record
-        info = (f"reward {metrics.get('reward/mean', float('nan')):.3f}  acc {metrics.get('accuracy', float('nan')):.2f}  "
-                f"{metrics.get('time/step_s', 0):.1f} s/step")
+        self._step_times.append(float(metrics.get("time/step_s", float("nan"))))
+        info = self.progress_info(step, metrics)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
         else:
             print(f"step {step}/{self.total}  {info}", file=sys.stderr, flush=True)
 
+    def progress_info(self, step: int, metrics: dict[str, Any]) -> str:
+        """The progress fields after ``step``: reward, accuracy, s/step, ETA and the last evaluation."""
+        step_s = metrics.get("time/step_s", float("nan"))
+        eta = run_report.eta_seconds(self.total - step, self._step_times)
+        info = (f"reward {metrics.get('reward/mean', float('nan')):.3f}  acc {metrics.get('accuracy', float('nan')):.3f}  "
+                f"{step_s:.2f} s/step  ETA {run_report.format_duration(eta)}")
+        if self.last_eval is not None:
+            eval_step, ev = self.last_eval
+            info += f"  eval {ev.get('eval/accuracy', float('nan')):.3f} @ step {eval_step}"
+        return info
+
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         if metrics:
             self._append(self.metrics_path, {"step": step, **metrics})
+            self.last_eval = (step, metrics)
             if self._progress is None:
-                print(f"eval @ step {step}: accuracy {metrics.get('eval/accuracy', float('nan')):.3f}", file=sys.stderr)
+                sampled = metrics.get("eval/accuracy_sampled")
+                print(f"eval @ step {step}: accuracy {metrics.get('eval/accuracy', float('nan')):.3f} greedy"
+                      + (f", {sampled:.3f} sampled" if sampled is not None else ""), file=sys.stderr, flush=True)
 
     def warn(self, message: str) -> None:
         print(f"policylab: {message}", file=sys.stderr)
@@ -112,16 +132,36 @@ class RunLogger:
             if not path.exists():
                 continue
             keep, drop = [], []
-            for line in path.read_text().splitlines():
-                (keep if json.loads(line).get("step", 0) <= step else drop).append(line)
+            lines = path.read_text().splitlines()
+            for number, line in enumerate(lines, 1):
+                try:
+                    after = json.loads(line).get("step", 0) > step
+                except json.JSONDecodeError:
+                    if number < len(lines):
+                        raise ValueError(f"{path}:{number} is not valid JSON") from None
+                    after = True  # the last line, torn when the run was killed mid-write: it is redone
+                (drop if after else keep).append(line)
             if drop:
                 with path.with_suffix(".discarded.jsonl").open("a") as f:
                     f.write("\n".join(drop) + "\n")
             path.write_text("".join(line + "\n" for line in keep))
 
     def close(self) -> None:
+        """Stop the bar, then write the curves PNG and print the summary (also after a crash or Ctrl-C:
+        it says what was done and how to resume). It never raises, so it cannot hide the run's own error."""
         if self._progress is not None:
             self._progress.stop()
+            self._progress = None
+        if not self.metrics_path.exists():
+            return  # nothing was logged (the run failed before its first step or evaluation)
+        try:
+            run = run_report.read_run(self.run_dir)
+            run_report.plot_curves(run)
+            text = run_report.format_summary(run_report.summarize(run, total_steps=self.total))
+        except Exception as err:  # noqa: BLE001 - a summary problem must not replace the run's outcome
+            self.warn(f"could not write the run summary or curves: {type(err).__name__}: {err}")
+            return
+        print(text, file=sys.stderr, flush=True)
 
 
 def _jsonable(x):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,12 @@ from policylab.interfaces import LogitsTransform, Sampling
 from policylab.rollouts import PolicyOutputs, Rollouts
 from policylab.sampling.dynamic import NotEnoughInformativeGroups, collect_informative_groups
 from policylab.tasks import Task
-from policylab.train import checkpoint
+from policylab.train import checkpoint, interrupt
 from policylab.train.components import Components, build_components, hook
 from policylab.train.context import TrainContext
 from policylab.models.forward import policy_forward, trim
 from policylab.train.logging import RunLogger, batch_metrics, peak_memory_mib
+from policylab.train.trackers import Trackers, check_installed
 from policylab.train.update import NonFiniteStep, micro_batch_order, update_on_batch
 
 
@@ -58,6 +60,9 @@ class Trainer:
         self.device = resolve_device(recipe.train.device)
         self.step = 0
         self.bad_steps_in_row = 0
+        self.stopped: int | None = None  # the signal number after a graceful stop (see run)
+        check_installed(recipe.train.report_to)  # a missing tracker library fails here, before the model loads
+        self.trackers = Trackers([], self.run_dir, {})  # run() starts the recipe's trackers
         seed_everything(recipe.train.seed)
         self.task: Task = registry.build("task", recipe.task.name, recipe.task.params, where="task")()
         self.parts: Components = build_components(recipe)
@@ -93,12 +98,15 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, progress=recipe.train.progress, total_steps=recipe.train.steps)
         if resume:
             self._resume()
-        else:
-            if (self.run_dir / "metrics.jsonl").exists():
-                raise TrainingError(f"run directory {self.run_dir} already holds a run (metrics.jsonl); continue it with "
-                                    "--resume or choose another --run-dir (nothing was overwritten)")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        elif (self.run_dir / "metrics.jsonl").exists():
+            raise TrainingError(f"run directory {self.run_dir} already holds a run (metrics.jsonl); continue it with "
+                                "--resume or choose another --run-dir (nothing was overwritten)")
+        # on resume too: an override (train.steps=200) is now the run's recipe, which `policylab show` and a
+        # later resume read; written under a temporary name and renamed, so a crash keeps the previous one
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / ".config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        tmp.replace(self.run_dir / "config.yaml")
 
     # -- scoring and generation services for components ------------------------------------------
     @torch.no_grad()
@@ -254,6 +262,7 @@ class Trainer:
         metrics["memory/peak_mib"] = peak_memory_mib(self.device)
         metrics["step"] = self.step
         self.logger.log_step(self.step, metrics, batch, cfg.log_samples)
+        self.trackers.log(self.step, metrics)
         if self.bad_steps_in_row >= cfg.max_bad_steps:
             raise TrainingError(f"{self.bad_steps_in_row} consecutive steps had a non-finite loss or gradient; "
                                 "stopping (lower the learning rate or check the recipe)")
@@ -314,23 +323,59 @@ class Trainer:
         self.logger.truncate_after(self.step)
 
     def run(self) -> Path:
+        """Train to ``train.steps``, evaluate, checkpoint; returns the run directory.
+
+        The first SIGINT/SIGTERM stops at the next step boundary: a checkpoint, ``RUN_DIR/stopped.json``, one
+        line on stderr with the resume command, ``self.stopped`` set to the signal number, a normal return. A
+        second signal raises KeyboardInterrupt at once; the last complete checkpoint stays usable."""
         cfg = self.recipe.train
+        interrupt.clear_marker(self.run_dir)  # a resumed run is no longer a stopped one
         self.logger.start(self.step)
+        self.trackers = Trackers(cfg.report_to, self.run_dir, recipe_to_dict(self.recipe), resume_step=self.step,
+                                 warn=self.logger.warn)
+        stop = interrupt.GracefulStop()
+        saved_at, message = -1, None
+
+        def log_eval(step: int, metrics: dict[str, float]) -> None:
+            self.logger.log_eval(step, metrics)
+            self.trackers.log(step, metrics)
+
         try:
-            if cfg.eval_every and cfg.eval_size and self.step == 0:
-                self.logger.log_eval(0, self.evaluate())
-            while self.step < cfg.steps:
-                self.train_step()
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    self.logger.log_eval(self.step, self.evaluate())
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+            with stop:
+                if cfg.eval_every and cfg.eval_size and self.step == 0:
+                    log_eval(0, self.evaluate())
+                while self.step < cfg.steps and not stop.requested:
+                    self.train_step()
+                    if stop.requested:
+                        break  # stop quickly: no periodic eval, only the checkpoint below
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                        log_eval(self.step, self.evaluate())
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                        self.save()
+                        saved_at = self.step
+                if stop.requested and self.step < cfg.steps:
+                    if saved_at != self.step:
+                        self.save()
+                    interrupt.write_marker(self.run_dir, self.step, stop.signum)
+                    self.stopped = stop.signum
+                    message = f"stopped at step {self.step}; resume with: {interrupt.resume_command(self.run_dir)}"
+                else:
+                    if cfg.eval_size:
+                        log_eval(self.step, self.evaluate())
                     self.save()
-            if cfg.eval_size:
-                self.logger.log_eval(self.step, self.evaluate())
-            self.save()
+        except KeyboardInterrupt as err:
+            last = checkpoint.latest(self.run_dir)
+            message = f"aborted in step {self.step + 1}; " + (
+                f"the last checkpoint is {last.name}; resume with: {interrupt.resume_command(self.run_dir)}"
+                if last is not None else "no checkpoint was written")
+            err.policylab_reported = True  # the CLI adds no second line
+            raise
         finally:
             self.parts.engine.close()
             self.logger.close()
+            self.trackers.close()
+            if message:  # after the progress bar is gone, so the line stays readable
+                print(f"policylab: {message}", file=sys.stderr, flush=True)
         return self.run_dir
 
 
@@ -375,27 +420,55 @@ def _as_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
 SHORTCUTS = {"model": "model.name", "task": "task.name", "steps": "train.steps", "seed": "train.seed"}
 
 
-def train(recipe: str | Recipe = "grpo", *, run_dir: str | Path | None = None, resume: bool = False, **overrides) -> Path:
+def train(recipe: str | Recipe = "grpo", *, run_dir: str | Path | None = None, resume: bool = False,
+          reward_funcs: list | None = None, reward_weights: list[float] | None = None, **overrides) -> Path:
     """Train with a recipe (name, YAML path or Recipe). Overrides: dotted keys (``**{"train.steps": 3}``),
-    ``train__steps=3``, nested dicts, or the shortcuts model=, task=, steps=, seed=. Returns the run directory."""
+    ``train__steps=3``, nested dicts, or the shortcuts model=, task=, steps=, seed=. Returns the run directory.
+
+    ``task=`` also takes a data file, a datasets folder or a hub id (tasks/hf_datasets.py). ``reward_funcs``
+    (as TRL's GRPOTrainer): your functions, callables or import paths ``file.py:fn`` / ``pkg.mod:fn``, replacing
+    the recipe's rewards (rewards/user.py), with ``reward_weights`` (one per reward, default 1). A resume
+    needs a lambda or local function passed again. The rewards, the task name and the model name are checked
+    before the task or the model loads.
+
+    Ctrl-C or SIGTERM stops at the next step boundary with a checkpoint and returns the run directory as
+    usual; such a run holds ``RUN_DIR/stopped.json`` (step, signal, resume command) until it is resumed."""
+    from policylab.rewards import user as user_rewards
+    from policylab.tasks.hf_datasets import task_for_name
+
     flat = {SHORTCUTS.get(k, k): v for k, v in _as_overrides(overrides).items()}
-    if "task.name" in flat and str(flat["task.name"]).endswith((".jsonl", ".parquet", ".json")):
-        # a data file given as the task: the file task first, so task.* overrides (eval_fraction, ...) apply on top
-        flat = {"task": {"name": "file", "path": flat.pop("task.name")}, **flat}
-    if resume:
-        if run_dir is None:
-            raise TrainingError("resume needs the run directory")
-        saved = Path(run_dir) / "config.yaml"
-        if not saved.exists():
-            raise TrainingError(f"--resume {run_dir}: no config.yaml there; is it a policylab run directory?")
-        rec = load_recipe(str(saved), flat)  # the run's own recipe; overrides may extend train.steps
-    elif isinstance(recipe, Recipe):
-        rec = recipe
-    else:
-        rec = load_recipe(recipe, flat)
-    directory = Path(run_dir) if run_dir else default_run_dir(rec)
-    trainer = Trainer(rec, directory, resume=resume)
-    return trainer.run()
+    if "task.name" in flat:
+        spec = task_for_name(str(flat["task.name"]), registry.names("task"))
+        if spec is not None:  # the data's task first, so task.* overrides (eval_fraction, ...) apply on top
+            flat.pop("task.name")
+            flat = {"task": spec, **flat}
+    passed: dict[str, Any] = {}
+    if reward_funcs is not None:
+        if any(k == "rewards" or k.startswith("rewards.") for k in flat):
+            raise TrainingError("give the rewards either as reward_funcs= or as rewards overrides, not both")
+        entries, passed = user_rewards.reward_entries(reward_funcs, reward_weights)
+        flat = {"rewards": entries, **flat}
+    elif reward_weights is not None:
+        flat.update({f"rewards.{i}.weight": float(w) for i, w in enumerate(reward_weights)})
+    with user_rewards.passed_callables(passed):
+        if resume:
+            if run_dir is None:
+                raise TrainingError("resume needs the run directory")
+            saved = Path(run_dir) / "config.yaml"
+            if not saved.exists():
+                raise TrainingError(f"--resume {run_dir}: no config.yaml there; is it a policylab run directory?")
+            rec = load_recipe(str(saved), flat)  # the run's own recipe; overrides may extend train.steps
+        elif isinstance(recipe, Recipe):
+            rec = recipe
+        else:
+            rec = load_recipe(recipe, flat)
+        if reward_weights is not None and len(reward_weights) != len(rec.rewards):
+            raise TrainingError(f"reward_weights has {len(reward_weights)} values for {len(rec.rewards)} rewards")
+        user_rewards.check_user_rewards(rec.rewards)  # a missing reward file or function fails here
+        models.check_model_name(rec.model.name)  # a misspelled name or an offline hub id: now, not after retries
+        directory = Path(run_dir) if run_dir else default_run_dir(rec)
+        trainer = Trainer(rec, directory, resume=resume)
+        return trainer.run()
 
 
 models.quiet_transformers()  # per-file progress bars of save_pretrained would drown the run's progress line
