@@ -276,3 +276,15 @@ def test_recipe_name_is_not_shadowed_by_a_folder_of_the_same_name(tmp_path, monk
     (tmp_path / "grpo").mkdir()  # e.g. a run directory named after the recipe
     monkeypatch.chdir(tmp_path)
     assert load_recipe("grpo").algorithm.advantage.name == "grpo"
+
+
+def test_renaming_a_component_drops_the_old_ones_parameters():
+    # quickstart's arithmetic parameters (low, high, ...) mean nothing to another task
+    assert load_recipe("quickstart", {"task.name": "tiny_arithmetic"}).task.params == {}
+    # the same name keeps them, and parameters given beside a rename apply to the new component in any order
+    kept = load_recipe("quickstart", {"task.high": 30, "task.name": "arithmetic"}).task.params
+    assert kept["low"] == 1 and kept["high"] == 30
+    assert load_recipe("grpo", {"algorithm.advantage.name": "rloo"}).algorithm.advantage.params == {}
+    # a reward's combiner weight is not the component's parameter: it stays
+    rewards = load_recipe("quickstart", {"rewards.1.name": "numeric_answer"}).rewards
+    assert rewards[1].name == "numeric_answer" and rewards[1].params == {"weight": 0.2}

@@ -264,6 +264,11 @@ def apply_override(data: dict, dotted: str, value: Any) -> None:
     if isinstance(node, list):
         node[_list_index(node, last, parts)] = value
     elif isinstance(node, dict):
+        if last == "name" and node.get("name") not in (None, value):
+            # another component: the old one's parameters do not carry over (task.low of arithmetic means
+            # nothing to tiny_arithmetic); a reward's combiner weight does
+            for key in [k for k in node if k not in ("name", "weight")]:
+                del node[key]
         node[last] = value
     else:
         raise RecipeError(f"override {dotted!r}: {'.'.join(parts[:-1])} is not a mapping")
@@ -293,7 +298,8 @@ def load_recipe(name_or_path: str = "grpo", overrides: list[str] | dict[str, Any
     """Load, apply overrides, validate the schema and every component name and parameter."""
     data = load_raw(name_or_path)
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
-    for key, value in items:
+    # component renames first, so parameters given beside them (task.name=x task.size=3) apply to the new one
+    for key, value in sorted(items, key=lambda kv: not str(kv[0]).endswith(".name")):
         apply_override(data, key, value)
     try:
         recipe = Recipe.model_validate(data)
