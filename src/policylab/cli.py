@@ -18,7 +18,7 @@ def _train(args) -> int:
     from policylab.train.loop import TrainingError, train
 
     words = list(args.words)
-    recipe = "grpo"
+    recipe = "quickstart"  # GRPO sized so the default model visibly learns on a CPU (recipes/quickstart.yaml)
     if words and "=" not in words[0]:
         recipe = words.pop(0)
     try:
@@ -183,8 +183,8 @@ DELEGATED = {
 
 
 def train_parser() -> argparse.ArgumentParser:
-    t = argparse.ArgumentParser(prog="policylab train", description="train with a recipe (default: grpo on "
-                                "SmolLM2-135M-Instruct, arithmetic, CPU)")
+    t = argparse.ArgumentParser(prog="policylab train", description="train with a recipe (default: quickstart, GRPO on "
+                                "SmolLM2-135M-Instruct, small sums, CPU)")
     t.add_argument("words", nargs="*", metavar="[RECIPE] [key=value ...]",
                    help="recipe name (see `policylab recipes`) or YAML path, then dotted overrides, "
                         "e.g. algorithm.objective.eps_high=0.28")
@@ -205,7 +205,7 @@ def train_parser() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="policylab", description="RL post-training where every method is a recipe")
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("train", help="train with a recipe (default: grpo on SmolLM2-135M-Instruct, arithmetic, CPU)", add_help=False)
+    sub.add_parser("train", help="train with a recipe (default: quickstart, GRPO on SmolLM2-135M-Instruct, small sums, CPU)", add_help=False)
     r = sub.add_parser("recipes", help="list recipes")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=_recipes)
