@@ -31,7 +31,7 @@ def evals(run_dir: Path) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="grpo")
+    ap.add_argument("--recipe", default="quickstart", help="default: quickstart, what `policylab train` runs")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=None, help="keep the run folders here (default: a temp folder)")
