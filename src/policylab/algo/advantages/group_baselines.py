@@ -1,5 +1,6 @@
 """Group-baseline outcome advantages: GRPO, Dr. GRPO, RLOO, REINFORCE++ (and its group baseline), LitePPO,
-and ReMax's baseline subtraction; plus the whitening / return helpers other estimators share.
+GPG's bias-corrected and MaxRL's mean-normalised baselines, and ReMax's baseline subtraction; plus the whitening /
+return helpers other estimators share.
 
 Each estimator maps ``rollouts.rewards`` [B] (NaN = failed reward) and ``rollouts.group`` to advantages [B]
 or [B,T]. They run under no_grad; failed rows get advantage 0. ReMax's greedy-generation pass is the
@@ -13,7 +14,7 @@ import logging
 import torch
 from torch import Tensor
 
-from policylab.algo.advantages.reductions import rewards_of
+from policylab.algo.advantages.reductions import group_means, rewards_of
 from policylab.algo.group_stats import group_mean_std, nan_to_zero
 from policylab.registry import register
 from policylab.rollouts import Rollouts
@@ -176,3 +177,46 @@ def remax_advantage(rewards: Tensor, baseline: Tensor) -> Tensor:
     """ReMax (arXiv:2310.10505): A_i = r_i - b_i with b_i the reward of the greedy completion of prompt i (for
     outcome rewards the same value on every valid token); NaN on either side -> 0."""
     return nan_to_zero(rewards - baseline)
+
+
+@register("advantage", "gpg", spec="arXiv:2504.02546 §3 (GPG advantage with its bias correction; verl adv_estimator='gpg')",
+          requires=("rewards",))
+@torch.no_grad()
+def gpg_advantage(rollouts: Rollouts, *, scale: str = "none", eps: float = 1e-6) -> Tensor:
+    """GPG (Group Policy Gradient, arXiv:2504.02546 §3): the group-mean-centred reward scaled up by the batch's
+    share of informative completions, A_i = alpha * (r_i - mean_g r) / F, alpha = B / B_eff, B = rows in the batch,
+    B_eff = rows whose centred reward is non-zero (degenerate groups and failed rewards add nothing to the gradient
+    but count in its mean, which alpha undoes); F = 1 (``scale="none"``, the paper's default) or the group std.
+
+    Spec choice: B_eff counts non-zero ADVANTAGES (the paper and TRL's GPG); verl divides by the count of non-zero
+    raw rewards instead. alpha = 1 when nothing is informative.
+    """
+    r = _rewards(rollouts)
+    mean, std, _ = group_mean_std(r, rollouts.group)
+    if scale == "none":
+        centred = nan_to_zero(r - mean)
+    elif scale == "group":
+        centred = nan_to_zero((r - mean) / (std + eps))
+    else:
+        raise ValueError(f"gpg scale must be 'none' or 'group', got {scale!r}")
+    informative = int((centred != 0).sum())
+    return centred * (r.numel() / informative if informative else 1.0)
+
+
+@register("advantage", "maxrl", spec="arXiv:2602.02710 (MaxRL p-normalisation; prime-rl algo 'max_rl', SkyRL 'maxrl')",
+          requires=("rewards",), tags=("skip:A-SHIFT",))
+@torch.no_grad()
+def maxrl_advantage(rollouts: Rollouts) -> Tensor:
+    """MaxRL (Maximum Likelihood RL, arXiv:2602.02710): the group-mean-centred reward divided by the group mean,
+    A_i = (r_i - p_g) / p_g where p_g > 0 (else r_i - p_g). With binary rewards this is the unbiased estimator of
+    grad log p(x), the log pass rate: r_i / K - 1/N summed over the group, times N — hard prompts (small p_g) weigh
+    1/p_g more than in GRPO. As prime-rl's max_rl: "reward minus group mean, divided by group mean when positive".
+
+    ``skip:A-SHIFT``: dividing by the mean makes the advantage depend on the rewards' offset (the paper's rewards
+    are success indicators). A singleton group gets 0 (its own mean).
+    """
+    r = _rewards(rollouts)
+    mean, _, _ = group_means(r, rollouts.group)
+    mean = mean.to(r.dtype)
+    centred = r - mean
+    return nan_to_zero(torch.where(mean > 0, centred / mean.clamp(min=1e-12), centred))

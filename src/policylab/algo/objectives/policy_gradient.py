@@ -81,6 +81,11 @@ def reinforce_loss(out: PolicyOutputs, batch: Rollouts) -> tuple[Tensor, dict]:
     return -adv * out.logp, {}
 
 
+# GPG (arXiv:2504.02546 §3): the plain policy gradient -A logp, no ratio, clip or KL; its bias correction is in the
+# ``gpg`` advantage (policylab/algo/advantages/group_baselines.py). verl registers it as loss_mode='gpg'.
+register("objective", "gpg", spec="arXiv:2504.02546 §3 (GPG: the policy-gradient loss; verl loss_mode='gpg')")(reinforce_loss)
+
+
 def clipped_surrogate(ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float, dual_clip_c: float | None):
     """max(-A*rho, -A*clip(rho)) with optional dual clip for A<0; returns (loss, clipped, dual_clipped)."""
     unclipped = -adv * ratio
