@@ -59,7 +59,12 @@ class FakeTrain:
         return run_dir
 
 
-def fake_evaluate(run_dir: Path, spec) -> dict:
+START = {"greedy_accuracy": 0.25, "accuracy": 0.2, "pass@1": 0.2, "pass@2": 0.3, "pass@4": 0.5}
+
+
+def fake_evaluate(run_dir: Path | str, spec) -> dict:
+    if isinstance(run_dir, str) or run_dir.name == "start_model":  # the start model: a name, or the warm-up folder
+        return dict(START)
     recipe, seed = run_dir.name.rsplit("-seed", 1)
     accuracy, _, p1, p4 = FINALS[recipe][int(seed)]
     return {"greedy_accuracy": accuracy, "accuracy": p1, "pass@1": p1, "pass@2": (p1 + p4) / 2, "pass@4": p4}
@@ -146,7 +151,7 @@ def test_report_has_table_rows_and_every_plot_inline(tmp_path):
     report = parse_report(arena_dir / "report.html")
     results = report.tables["results"]
     assert results[0][:5] == ["recipe", "seeds", "held-out accuracy (greedy)", "pass@1", "pass@4"]
-    assert [row[0] for row in results[1:]] == ["grpo", "dapo"]
+    assert [row[0] for row in results[1:]] == ["grpo", "dapo", "start model"]
     assert results[1][2] == "0.600 ± 1.271"  # 12.706 * sd 0.1414 / sqrt(2)
     diffs = report.tables["differences"]
     assert diffs[1][0] == "dapo − grpo" and diffs[1][1] == "paired" and diffs[1][2].startswith("+0.150 ±")
@@ -322,9 +327,13 @@ def test_end_to_end_tiny_arena(tmp_path):
         entry = summary["recipes"][label]
         assert entry["seeds"] == [0] and entry["k"] == 2
         assert 0.0 <= entry["pass@k"]["mean"] <= 1.0 and entry["s_per_step"]["mean"] > 0
+        assert entry["cpu_s_per_step"]["mean"] > 0  # the loop logs time/step_cpu_s
         steps, _ = read_metrics(arena_dir / "runs" / f"{label}-seed0" / "metrics.jsonl")
         assert [s["step"] for s in steps] == [1, 2]
     assert len(parse_report(arena_dir / "report.html").images) == 7
+    start = json.loads((arena_dir / "start_model" / "eval.json").read_text())  # the real start-model evaluation
+    assert start["num_prompts"] == 4 and 0.0 <= start["pass@2"] <= 1.0
+    assert summary["headlines"] and summary["headlines"][0].startswith("dr_grpo vs grpo: ")
 
 
 def test_smoothing_keeps_length_and_means():
@@ -339,14 +348,56 @@ def test_start_model_row_and_final_heldout_points(tmp_path):
     from policylab.eval.report import _eval_points
     from policylab.eval.summary import read_run
 
-    arena_dir = build_synthetic_arena(tmp_path, name="start")
-    (arena_dir / "start_model").mkdir()
-    (arena_dir / "start_model" / "eval.json").write_text(json.dumps(
-        {"greedy_accuracy": 0.25, "pass@1": 0.2, "pass@2": 0.3, "pass@4": 0.5}))
-    spec = A.ArenaSpec(name="start", recipes=["grpo", "dapo"], seeds=[0, 1], steps=STEPS, model="tiny", eval_k=4)
-    A.write_report(arena_dir, spec)
+    arena_dir = build_synthetic_arena(tmp_path, name="start")  # no warm-up: the start model is `tiny` itself
+    assert json.loads((arena_dir / "start_model" / "eval.json").read_text()) == START
     rows = parse_report(arena_dir / "report.html").tables["results"]
     assert rows[-1][:5] == ["start model", "–", "0.250", "0.200", "0.500"]
     runs = [read_run("grpo", "grpo", seed, arena_dir / "runs" / f"grpo-seed{seed}") for seed in (0, 1)]
     # the loop's eval line and the arena's evaluation sit at the last step: the arena's greedy numbers win
     assert _eval_points(runs) == ([float(STEPS)], [pytest.approx(0.6)])
+
+
+def test_verdicts_in_words():
+    from policylab.eval.stats import Interval, verdict
+
+    assert verdict(Interval(0.05, 0.03, 3)).kind == "higher" and verdict(Interval(0.05, 0.03, 3)).significant
+    assert verdict(Interval(-0.05, 0.03, 3)).kind == "lower"
+    assert verdict(Interval(0.0, 0.043, 3)).kind == "no difference"
+    assert verdict(Interval(0.02, 0.043, 3)).text == "+0.020 ± 0.043, 3 seeds"
+    # every seed gave the same difference: a zero-width interval is a tie, not certainty, below 5 seeds
+    tie = verdict(Interval(-0.010, 0.0, 3))
+    assert tie.kind == "identical" and not tie.significant and "identical across seeds" in tie.text
+    assert verdict(Interval(-0.010, 0.0, 5)).kind == "lower"
+    assert verdict(Interval(0.0, 0.0, 8)).kind == "identical"
+    assert verdict(Interval(0.1, None, 1)).kind == "one seed"
+
+
+def test_headline_per_comparison_and_zero_width_is_not_bold(tmp_path, monkeypatch):
+    arena_dir = build_synthetic_arena(tmp_path)
+    summary = json.loads((arena_dir / "summary.json").read_text())
+    # dapo - grpo = (0.1, 0.2): +0.150 ± 12.706 * 0.0707 / 1.414 = ± 0.635, spans 0
+    assert summary["headlines"] == ["dapo vs grpo: no difference in held-out accuracy beyond noise "
+                                    "(+0.150 ± 0.635, 2 seeds)"]
+    report = (arena_dir / "report.html").read_text()
+    assert "dapo vs grpo: no difference in held-out accuracy beyond noise" in report
+    # same difference on both seeds: +0.100 with zero width must read as a tie, not in bold
+    monkeypatch.setitem(FINALS, "dapo", {0: (0.6, 3.0, 0.45, 0.85), 1: (0.8, 3.0, 0.65, 0.95)})
+    tied = build_synthetic_arena(tmp_path, name="tied")
+    summary = json.loads((tied / "summary.json").read_text())
+    assert summary["headlines"][0].startswith("dapo vs grpo: inconclusive on held-out accuracy: identical across seeds")
+    cell = parse_report(tied / "report.html").tables["differences"][1][2]
+    assert cell == "+0.100 ± 0.000 (identical across seeds)"
+    assert "<b>+0.100" not in (tied / "report.html").read_text()
+
+
+def test_step_time_is_the_median_and_cpu_seconds_are_reported(tmp_path):
+    from policylab.eval.summary import read_run
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    lines = [{"step": i + 1, "time/step_s": t, "time/step_cpu_s": c}
+             for i, (t, c) in enumerate([(1.0, 1.8), (1.2, 2.0), (30.0, 2.1), (1.1, 1.9)])]  # step 3: machine busy
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (run_dir / "DONE").write_text("{}")
+    final = read_run("grpo", "grpo", 0, run_dir).final()
+    assert final["s_per_step"] == pytest.approx(1.15) and final["cpu_s_per_step"] == pytest.approx(1.95)

@@ -87,7 +87,7 @@ def test_dom_has_table_and_every_plot(chromium, report, tmp_path):
     tree = _load_arena_fixtures()._Report()  # the non-browser tests' parser, here on the rendered DOM
     tree.feed(dom)
     results = tree.tables["results"]
-    assert [row[0] for row in results[1:]] == ["grpo", "dapo"]
+    assert [row[0] for row in results[1:]] == ["grpo", "dapo", "start model"]
     assert all(cell for cell in results[1][1:])  # every column filled for the baseline
     assert len(tree.images) == 7
     for src in tree.images:
@@ -156,7 +156,7 @@ def test_browser_decodes_every_image(chromium, report, tmp_path):
         process.terminate()
         process.wait(timeout=10)
     images, (table_rows,) = value[:-1], value[-1]
-    assert table_rows == 2
+    assert table_rows == 3  # grpo, dapo and the start model
     assert len(images) == 7
     for image_id, complete, width, height in images:
         assert complete and width >= 300 and height >= 200, (image_id, width, height)

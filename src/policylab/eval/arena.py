@@ -162,10 +162,13 @@ def run_arena(
     arena_dir = Path(root) / spec.name
     _check_spec(arena_dir, spec)
     model = prepare_start_model(spec, arena_dir, log) if spec.warmup else spec.model
-    if spec.eval_k and spec.warmup and not (arena_dir / "start_model" / "eval.json").exists():
+    start_eval = arena_dir / "start_model" / "eval.json"
+    if spec.eval_k and not start_eval.exists():
+        # the "before RL" row: the warmed-up folder, or the model itself (by name) when there is no warm-up
         log("arena: evaluating the start model")
-        result = evaluate_fn(arena_dir / "start_model", spec)
-        (arena_dir / "start_model" / "eval.json").write_text(json.dumps(result, indent=1))
+        result = evaluate_fn(arena_dir / "start_model" if spec.warmup else start_model_name(spec), spec)
+        start_eval.parent.mkdir(parents=True, exist_ok=True)
+        start_eval.write_text(json.dumps(result, indent=1))
     pairs = spec.labels()
     total = len(pairs) * len(spec.seeds)
     done_count = 0
@@ -240,13 +243,22 @@ def prepare_start_model(spec: ArenaSpec, arena_dir: Path, log=print) -> str:
     return str(folder)
 
 
-def evaluate_run(run_dir: Path, spec: ArenaSpec) -> dict:
-    """Evaluate the model in ``run_dir`` (its latest checkpoint, or the folder itself when it is a model
-    folder) on the held-out split of the arena's task with ``spec.eval_k`` samples per prompt."""
-    from policylab import models
+def start_model_name(spec: ArenaSpec) -> str:
+    """The model every run starts from when there is no warm-up: the arena's, else the first recipe's."""
+    if spec.model:
+        return spec.model
     from policylab.config import load_recipe
-    from policylab.eval.evaluate import evaluate, primary_reward, recipe_engine
-    from policylab.registry import build
+
+    return load_recipe(spec.recipes[0], run_overrides(spec, spec.seeds[0], None)).model.name
+
+
+def evaluate_run(run_dir: Path | str, spec: ArenaSpec) -> dict:
+    """Evaluate the model in ``run_dir`` (its latest checkpoint, or the folder itself when it is a model
+    folder) on the held-out split of the arena's task with ``spec.eval_k`` samples per prompt. A string
+    that is not a folder is a model name (the start model without a warm-up: built-in name or hub id)."""
+    if isinstance(run_dir, str) and not Path(run_dir).is_dir():
+        return _evaluate_model_name(run_dir, spec)
+    from policylab.config import load_recipe
     from policylab.train import checkpoint
 
     run_dir = Path(run_dir)
@@ -256,11 +268,27 @@ def evaluate_run(run_dir: Path, spec: ArenaSpec) -> dict:
         raise ArenaError(f"no model to evaluate in {run_dir} (no checkpoint, no config.json)")
     config = run_dir / "config.yaml"
     recipe = load_recipe(str(config)) if config.exists() else load_recipe(spec.recipes[0], run_overrides(spec, 0, None))
+    return _evaluate_recipe_model(recipe, spec, str(model_dir))
+
+
+def _evaluate_model_name(name: str, spec: ArenaSpec) -> dict:
+    from policylab.config import load_recipe
+
+    # the first seed's recipe: for `tiny` (random weights per seed) this is seed spec.seeds[0]'s start
+    recipe = load_recipe(spec.recipes[0], run_overrides(spec, spec.seeds[0], name))
+    return _evaluate_recipe_model(recipe, spec, recipe.model.name, tiny=recipe.model.tiny, seed=recipe.train.seed)
+
+
+def _evaluate_recipe_model(recipe, spec: ArenaSpec, model_ref: str, **load_kwargs) -> dict:
+    from policylab import models
+    from policylab.eval.evaluate import evaluate, primary_reward, recipe_engine
+    from policylab.registry import build
+
     task = build("task", recipe.task.name, recipe.task.params, where="task")()
     rows = task.eval[: spec.eval_size]
     if not rows:
         raise ArenaError(f"task {task.name!r} has no held-out rows to evaluate on")
-    model, tokenizer = models.load(str(model_dir), recipe.model.dtype, "cuda" if _cuda() else "cpu")
+    model, tokenizer = models.load(model_ref, recipe.model.dtype, "cuda" if _cuda() else "cpu", **load_kwargs)
     engine = recipe_engine(recipe, model, tokenizer)
     try:
         return evaluate(model, tokenizer, rows, primary_reward(recipe), k=spec.eval_k, temperature=spec.eval_temperature,
@@ -387,6 +415,9 @@ def main_arena(argv: list[str]) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    summary = json.loads((arena_dir / "summary.json").read_text())
+    for line in summary.get("headlines", []):
+        print(line)
     print(f"report: {arena_dir / 'report.html'}")
     return 0
 

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from policylab.eval.stats import Interval, verdict
 from policylab.eval.summary import TABLE_METRICS, RunRecord
 # the matplotlib helpers live with the single-run curves (train floor), so both plots share them
 from policylab.train.run_report import pyplot as _pyplot
@@ -166,8 +167,12 @@ def _cell(entry: dict | None, signed: bool = False) -> str:
     text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
     if entry.get("ci95") is not None:
         text += f" ± {entry['ci95']:.3f}"
-        if signed and entry.get("low") is not None and (entry["low"] > 0 or entry["high"] < 0):
-            text = f"<b>{text}</b>"  # the interval excludes 0
+        if signed:
+            v = verdict(Interval(mean, entry["ci95"], entry.get("n", 0)))
+            if v.significant:
+                text = f"<b>{text}</b>"  # the interval excludes 0
+            elif v.kind == "identical":
+                text += " (identical across seeds)"  # zero width from ties, not certainty
     return f"<td>{text}</td>"
 
 
@@ -213,6 +218,7 @@ def write_html(path: Path, spec: dict[str, Any], summary: dict[str, Any], plots:
         run_rows.append(f"<tr><td>{esc(run['label'])}</td><td>{run['seed']}</td><td class='{esc(run['status'])}'>"
                         f"{esc(run['status'])}</td><td>{run['steps']}</td><td>{esc(run['dir'])}{error}</td></tr>")
     settings = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in spec.items())
+    headline_list = "".join(f"<li>{esc(line)}</li>" for line in summary.get("headlines", [])) or "<li>one recipe: nothing to compare</li>"
     recipe_list = "".join(f"<li><b>{esc(lab)}</b>: {esc(descriptions.get(lab, ''))}</li>" for lab in labels)
     document = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>policylab arena: {esc(str(spec.get('name', '')))}</title>
@@ -227,17 +233,23 @@ figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 640px; bord
 </style></head><body>
 <h1>policylab arena: {esc(str(spec.get('name', '')))}</h1>
 <ul>{recipe_list}</ul>
+<h2>What won</h2>
+<ul id="headlines">{headline_list}</ul>
 <h2>Results</h2>
 <table id="results"><thead><tr><th>recipe</th><th>seeds</th>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>
 <p class="note">Mean ± half-width of the 95% Student-t interval over seeds (no interval with one seed).
 Held-out numbers come from the final model; pass@k uses the unbiased estimator. "last 20%" = mean over the
 last fifth of training steps; train reward is over the batch each update used (after any group filter:
 DAPO's dynamic sampling keeps only groups with differing rewards, so its train reward reads higher);
-s/step = mean wall-clock seconds per step.</p>
+s/step = median wall-clock seconds per step; CPU s/step = median CPU seconds of the training process per
+step (all its threads), which other load on the machine changes far less than wall-clock time. The start
+model row is the model every run starts from (the arena's warm-up, or the model itself), evaluated like the
+final ones.</p>
 <h2>Difference to {esc(summary['baseline'] or '')}</h2>
 <table id="differences"><thead><tr><th>recipe</th><th>CI</th>{header}</tr></thead><tbody>{''.join(diff_rows)}</tbody></table>
 <p class="note">Mean difference with its 95% t-interval: paired over seeds when both recipes ran the same seeds
-(same seed = same data order), Welch otherwise. Bold: the interval excludes 0.</p>
+(same seed = same data order), Welch otherwise. Bold: the interval excludes 0. A zero-width interval means every
+seed gave the same difference; with fewer than 5 seeds that is inconclusive, not significant.</p>
 <h2>Curves</h2>
 <p class="note">Lines: mean over seeds (smoothed when the title says so; the faint line is unsmoothed);
 bands: min–max across seeds.</p>

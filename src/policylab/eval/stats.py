@@ -108,6 +108,39 @@ def difference_ci(
     return Interval(diff, t_quantile((1 + confidence) / 2, df) * se, min(len(xs), len(ys))), "welch"
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What a difference interval says, in words: ``kind`` is 'higher', 'lower', 'no difference',
+    'identical' (every seed gave the same difference, so the t-interval has zero width) or 'one seed'
+    (no interval); ``significant`` only for 'higher'/'lower'."""
+
+    kind: str
+    significant: bool
+    text: str
+
+
+def verdict(interval: Interval | None, *, min_identical_n: int = 5) -> Verdict:
+    """Classify a difference interval. A zero-width interval comes from seeds that gave identical
+    differences, not from certainty: with fewer than ``min_identical_n`` seeds it is inconclusive (a few
+    seeds on a small held-out set easily tie), from that many on its sign counts as a difference."""
+    if interval is None:
+        return Verdict("none", False, "no data")
+    if interval.half_width is None:
+        return Verdict("one seed", False, f"one seed, no interval ({interval.mean:+.3f})")
+    if interval.half_width <= 1e-9 * max(1.0, abs(interval.mean)):  # ties up to float round-off (0.8-0.7 vs 0.6-0.5)
+        if interval.n < min_identical_n or interval.mean == 0:
+            return Verdict("identical", False, f"identical across seeds ({interval.mean:+.3f}, {interval.n} seeds; "
+                                               f"inconclusive below {min_identical_n})")
+        kind = "higher" if interval.mean > 0 else "lower"
+        return Verdict(kind, True, f"{interval.mean:+.3f}, identical across {interval.n} seeds")
+    text = f"{interval.mean:+.3f} ± {interval.half_width:.3f}, {interval.n} seeds"
+    if interval.low > 0:
+        return Verdict("higher", True, text)
+    if interval.high < 0:
+        return Verdict("lower", True, text)
+    return Verdict("no difference", False, text)
+
+
 def bootstrap_ci(
     values: Sequence[float], *, resamples: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from policylab.eval.stats import Interval, difference_ci, mean_ci
+from policylab.eval.stats import Interval, difference_ci, mean_ci, verdict
 from policylab.train.run_report import read_jsonl, split_metrics  # one reader for run folders
 
 # (key in the summary, label in the report); held-out numbers first, then training dynamics and cost
@@ -26,8 +27,11 @@ TABLE_METRICS = [
     ("train_reward", "train reward (last 20%)"),
     ("entropy", "entropy (last 20%)"),
     ("completion_length", "length (last 20%)"),
-    ("s_per_step", "s/step"),
+    ("s_per_step", "s/step (median)"),
+    ("cpu_s_per_step", "CPU s/step (median)"),
 ]
+# the metric each comparison's one-line verdict is about: the first of these the runs have
+HEADLINE_METRICS = [("heldout_accuracy", "held-out accuracy"), ("pass@1", "pass@1"), ("train_reward", "train reward")]
 STEP_KEYS = ("reward/mean", "accuracy", "entropy", "completion_length/mean", "time/step_s")
 _PASS_KEY = re.compile(r"^pass@(\d+)$")
 
@@ -96,13 +100,19 @@ class RunRecord:
             "train_reward": _tail_mean(self.series("reward/mean")[1], tail),
             "entropy": _tail_mean(self.series("entropy")[1], tail),
             "completion_length": _tail_mean(self.series("completion_length/mean")[1], tail),
-            "s_per_step": _tail_mean(self.series("time/step_s")[1], len(self.steps)),
+            # medians: one slow step (another job on the machine, a checkpoint) must not make a recipe look slow
+            "s_per_step": _median(self.series("time/step_s")[1]),
+            "cpu_s_per_step": _median(self.series("time/step_cpu_s")[1]),
             "wall_clock_s": self.wall_clock()[-1] if self.steps else None,
         }
 
 
 def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def _tail_mean(values: list[float], count: int) -> float | None:
@@ -157,7 +167,7 @@ def summarize(runs: list[RunRecord], labels: list[str]) -> dict[str, Any]:
             base = {s: finals[(baseline, s)][key] for (lab, s) in finals if lab == baseline}
             interval, method = difference_ci(treat, base)
             differences[label][key] = None if interval is None else {**interval.as_dict(), "method": method}
-    return {
+    out = {
         "baseline": baseline,
         "recipes": per_recipe,
         "differences": differences,
@@ -167,6 +177,30 @@ def summarize(runs: list[RunRecord], labels: list[str]) -> dict[str, Any]:
             for r in runs
         ],
     }
+    out["headlines"] = headlines(out)
+    return out
+
+
+def headlines(summary: dict[str, Any]) -> list[str]:
+    """One line in words per comparison with the baseline, on the first metric of HEADLINE_METRICS that
+    both have: 'dapo vs grpo: no difference in held-out accuracy beyond noise (+0.000 ± 0.043, 3 seeds)'."""
+    lines = []
+    base = summary.get("baseline")
+    for label, entry in summary.get("differences", {}).items():
+        found = next(((key, name) for key, name in HEADLINE_METRICS if entry.get(key)), None)
+        if found is None:
+            lines.append(f"{label} vs {base}: no finished runs to compare")
+            continue
+        key, name = found
+        d = entry[key]
+        v = verdict(Interval(d["mean"], d["ci95"], d["n"]))
+        if v.kind in ("higher", "lower"):
+            lines.append(f"{label} vs {base}: {v.kind} {name} ({v.text})")
+        elif v.kind == "no difference":
+            lines.append(f"{label} vs {base}: no difference in {name} beyond noise ({v.text})")
+        else:
+            lines.append(f"{label} vs {base}: inconclusive on {name}: {v.text}")
+    return lines
 
 
 def _pass_curve_summary(runs: list[RunRecord]) -> dict[str, dict | None]:

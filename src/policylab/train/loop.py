@@ -226,7 +226,7 @@ class Trainer:
         return batch
 
     def train_step(self) -> dict[str, Any]:
-        t_step = time.perf_counter()
+        t_step, cpu_step = time.perf_counter(), time.process_time()
         cfg = self.recipe.train
         self.ctx.step = self.step
         batch, metrics = self.collect()
@@ -258,6 +258,7 @@ class Trainer:
         metrics.update(batch_metrics(batch))
         step_s = time.perf_counter() - t_step
         metrics["time/step_s"] = step_s
+        metrics["time/step_cpu_s"] = time.process_time() - cpu_step  # all threads; barely moved by other load
         metrics["tokens_per_s"] = float(batch.completion_mask.sum()) / step_s
         metrics["memory/peak_mib"] = peak_memory_mib(self.device)
         metrics["step"] = self.step
