@@ -93,7 +93,9 @@ class TrainConfig(Strict):
     eval_size: int = Field(32, ge=0)
     eval_max_new_tokens: int = Field(0, ge=0)  # 0 = rollout.max_new_tokens
     eval_samples: int = Field(4, ge=0)  # sampled completions per eval prompt (at rollout temperature); 0 = greedy only
-    save_every: int = Field(0, ge=0)  # 0 = only at the end
+    # checkpoint every N steps; 0 = only at the end (and on Ctrl-C/SIGTERM); "auto" = ten per run, at most 100
+    # steps apart (train/checkpoint.py save_interval), so a crash loses at most a tenth of the run
+    save_every: int | Literal["auto"] = "auto"
     log_samples: int = Field(4, ge=0)
     logprob_chunk: int = Field(128, ge=1)  # completion positions per log-softmax chunk
     share_prompts: bool = True  # run each prompt once per micro-batch; its G rows attend to that one copy
@@ -103,6 +105,13 @@ class TrainConfig(Strict):
     progress: bool = True
     # experiment trackers mirroring metrics.jsonl (the optional 'tracking' extra); off by default
     report_to: list[str] = Field(default_factory=list)
+
+    @field_validator("save_every")
+    @classmethod
+    def _save_every(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be 0 (only at the end), a positive number of steps, or 'auto'")
+        return v
 
     @field_validator("report_to", mode="before")
     @classmethod
