@@ -97,6 +97,8 @@ class TrainConfig(Strict):
     # steps apart (train/checkpoint.py save_interval), so a crash loses at most a tenth of the run
     save_every: int | Literal["auto"] = "auto"
     log_samples: int = Field(4, ge=0)
+    # seconds one reward call may take before it counts as failed (rewards/timeout.py); 0 = no deadline
+    reward_timeout_s: float = Field(60.0, ge=0)
     logprob_chunk: int = Field(128, ge=1)  # completion positions per log-softmax chunk
     share_prompts: bool = True  # run each prompt once per micro-batch; its G rows attend to that one copy
     packed: bool = True  # padding-free micro-batches: each one forward over a single sequence of real tokens

@@ -171,7 +171,7 @@ class Trainer:
         rewards, components = self.parts.rewards(rollouts.prompts, rollouts.completions, rollouts.rows)
         rollouts.rewards, rollouts.reward_components = rewards, components
         rollouts.extras["max_new_tokens"] = self.sampling.max_new_tokens
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = dict(self.parts.rewards.last_metrics())  # timeouts, non-finite values
         for shaping in self.parts.reward_shaping:
             delta, shaping_metrics = shaping(rollouts)
             rollouts.rewards = rollouts.rewards + delta
