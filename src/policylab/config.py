@@ -60,6 +60,9 @@ class RolloutConfig(Strict):
     generation_batch_size: int = Field(0, ge=0)  # completions per generate() call; 0 = all at once
     max_gen_batches: int = 10  # dynamic sampling: generation rounds per step before giving up (<=0: unlimited)
     gen_prompts_per_round: int = Field(0, ge=0)  # dynamic sampling: prompts per extra round; 0 = prompts_per_step
+    # a prompt longer than the model's context minus max_new_tokens, found before any generation
+    # (train/prompt_budget.py): fail naming the rows, cut it from the left, or leave the row out; counted either way
+    overlong_prompt: Literal["error", "truncate_left", "drop"] = "error"
 
     @field_validator("engine", mode="before")
     @classmethod

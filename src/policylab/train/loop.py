@@ -23,7 +23,7 @@ from policylab.interfaces import LogitsTransform, Sampling
 from policylab.rollouts import PolicyOutputs, Rollouts
 from policylab.sampling.dynamic import NotEnoughInformativeGroups, collect_informative_groups
 from policylab.tasks import Task
-from policylab.train import checkpoint, interrupt
+from policylab.train import checkpoint, interrupt, prompt_budget
 from policylab.train.components import Components, build_components, hook
 from policylab.train.context import TrainContext
 from policylab.train.errors import TrainingError  # noqa: F401 - re-exported: policylab.train.loop.TrainingError
@@ -87,6 +87,7 @@ class Trainer:
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
+        self._fit_prompts()  # before any generation: prompts over the context budget, by rollout.overlong_prompt
         self.ref_model = None
         if self.parts.plan.needs_reference_model:
             self.ref_model, _ = models.load(m.name, m.dtype, self.device, tiny=m.tiny, seed=recipe.train.seed)
@@ -117,6 +118,19 @@ class Trainer:
         tmp = self.run_dir / ".config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         tmp.replace(self.run_dir / "config.yaml")
+
+    def _fit_prompts(self) -> None:
+        r, cfg = self.recipe.rollout, self.recipe.train
+        warn = lambda m: print(f"policylab: {m}", file=sys.stderr, flush=True)  # noqa: E731
+        bound = len(self.task.train)
+        for split, max_new in (("train", r.max_new_tokens), ("eval", cfg.eval_max_new_tokens or r.max_new_tokens)):
+            rows = getattr(self.task, split)
+            budget = prompt_budget.prompt_budget(self.model, max_new)
+            if rows and budget is not None:
+                setattr(self.task, split, prompt_budget.apply_policy(rows, self.tokenizer, budget, r.overlong_prompt,
+                                                                      split, warn))
+        if len(self.task.train) != bound:  # rows were dropped: the sampler draws from the rows left
+            self.parts.sampler.bind(len(self.task.train), seed=cfg.seed)
 
     # -- scoring and generation services for components ------------------------------------------
     @torch.no_grad()
