@@ -161,8 +161,6 @@ def test_write_atomic_names_the_path_when_the_disk_is_full(tmp_path, monkeypatch
 
 def test_default_saves_periodically_so_a_crash_is_resumable(tmp_path, tiny_arith_model):
     """Before: save_every 0, so a crash at step 3 of 4 left no checkpoint; now 'auto' saves every ceil(4/10)=1."""
-    assert checkpoint.save_interval("auto", 4) == 1 and checkpoint.save_interval("auto", 20) == 2
-    assert checkpoint.save_interval("auto", 100_000) == 100 and checkpoint.save_interval(0, 50) == 0
     calls = {"n": 0}
 
     @policylab.registry.register("reward", "_test_crashes_in_step_3")
@@ -181,6 +179,8 @@ def test_default_saves_periodically_so_a_crash_is_resumable(tmp_path, tiny_arith
     calls["n"] = -10**9
     policylab.train("grpo", run_dir=run, resume=True)
     assert [r["step"] for r in _lines(run) if "reward/mean" in r] == [1, 2, 3, 4]
+    assert checkpoint.save_interval("auto", 4) == 1 and checkpoint.save_interval("auto", 20) == 2
+    assert checkpoint.save_interval("auto", 100_000) == 100 and checkpoint.save_interval(0, 50) == 0
 
 
 def test_a_crash_before_the_first_checkpoint_is_accepted_by_resume_and_by_a_fresh_start(tmp_path, tiny_arith_model,

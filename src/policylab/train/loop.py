@@ -59,7 +59,7 @@ class Trainer:
         try:
             self._build(recipe, resume)
         except BaseException:
-            self.lock.release()
+            self.lock.abandon()
             raise
 
     def _build(self, recipe: Recipe, resume: bool) -> None:

@@ -28,12 +28,14 @@ class RunDirLocked(TrainingError):
 class RunLock:
     """An exclusive lock on a run directory; ``release()`` (or closing the process) frees it."""
 
-    def __init__(self, run_dir: Path, fd: int):
+    def __init__(self, run_dir: Path, fd: int, created: bool = False):
         self.run_dir, self._fd = Path(run_dir), fd
+        self.created = created  # acquire() made the directory (abandon() removes it again)
 
     @classmethod
     def acquire(cls, run_dir: str | Path, warn: Callable[[str], None] = print) -> "RunLock":
         run_dir = Path(run_dir)
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -53,7 +55,7 @@ class RunLock:
                  "running (it ended without releasing the lock)")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return cls(run_dir, fd)
+        return cls(run_dir, fd, created)
 
     @property
     def held(self) -> bool:
@@ -68,6 +70,17 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+    def abandon(self) -> None:
+        """Release after a failed start: a directory this lock created and nothing else wrote is removed, so a
+        recipe error leaves no empty run folder behind."""
+        self.release()
+        if self.created and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+            try:
+                self.run_dir.rmdir()
+            except OSError:
+                pass
 
     def __del__(self):  # a Trainer dropped without run() must not keep its directory locked
         try:
