@@ -19,7 +19,7 @@ from policylab.train.run_dir import LOCK_FILE, RunLock, write_atomic
 from tests.conftest import TINY_RUN
 
 VOLATILE = ("time/", "tokens_per_s", "memory/")
-SETTINGS = {**TINY_RUN, "train.steps": 3, "train.eval_size": 4, "train.eval_samples": 0}
+SETTINGS = {**TINY_RUN, "train.steps": 3, "train.eval_size": 4, "train.eval_samples": 0, "train.save_every": 1}
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
 
@@ -33,7 +33,7 @@ def _metrics(run):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_arith_model):
-    """A finished 3-step run (the default save interval checkpoints steps 1 and 2, the end step 3)."""
+    """A finished 3-step run with checkpoints at steps 2 and 3 (every step, the last two kept)."""
     return policylab.train("grpo", run_dir=tmp_path_factory.mktemp("done") / "run", **SETTINGS)
 
 
@@ -160,7 +160,9 @@ def test_write_atomic_names_the_path_when_the_disk_is_full(tmp_path, monkeypatch
 
 
 def test_default_saves_periodically_so_a_crash_is_resumable(tmp_path, tiny_arith_model):
-    """Before: save_every 0, so a crash at step 3 of 4 left no checkpoint; now 'auto' saves every ceil(4/10)=1."""
+    """Before: save_every 0, so a crash at step 3 of 4 left no checkpoint. Now 'auto' saves at step 1 (every
+    ceil(4/10) = 1 steps; the first save is never skipped) and at step 2 unless the step-1 save took more than a
+    tenth of the time since."""
     calls = {"n": 0}
 
     @policylab.registry.register("reward", "_test_crashes_in_step_3")
@@ -172,15 +174,33 @@ def test_default_saves_periodically_so_a_crash_is_resumable(tmp_path, tiny_arith
 
     run = tmp_path / "run"
     with pytest.raises(SystemExit):
-        policylab.train("grpo", run_dir=run, **{**SETTINGS, "train.steps": 4,
+        policylab.train("grpo", run_dir=run, **{**SETTINGS, "train.steps": 4, "train.save_every": "auto",
                                                 "rewards": [{"name": "numeric_answer"},
                                                             {"name": "_test_crashes_in_step_3", "weight": 0.0}]})
-    assert checkpoint.latest(run).name == "step-2"
+    assert checkpoint.latest(run).name in ("step-1", "step-2")
     calls["n"] = -10**9
     policylab.train("grpo", run_dir=run, resume=True)
     assert [r["step"] for r in _lines(run) if "reward/mean" in r] == [1, 2, 3, 4]
     assert checkpoint.save_interval("auto", 4) == 1 and checkpoint.save_interval("auto", 20) == 2
     assert checkpoint.save_interval("auto", 100_000) == 100 and checkpoint.save_interval(0, 50) == 0
+
+
+def test_auto_schedule_skips_saves_that_would_cost_more_than_a_tenth_of_the_time():
+    now = [0.0]
+    schedule = checkpoint.SaveSchedule("auto", 100, clock=lambda: now[0])  # every 10 steps
+    assert not schedule.due(5) and schedule.due(10)
+
+    def slow_save():
+        now[0] += 12.0  # a 12 s checkpoint
+
+    schedule.run(slow_save)
+    now[0] += 100.0  # 100 s of training later: less than 10 x 12 s
+    assert not schedule.due(20)
+    now[0] += 20.0
+    assert schedule.due(30)
+    fixed = checkpoint.SaveSchedule(10, 100, clock=lambda: now[0])
+    fixed.run(slow_save)
+    assert fixed.due(20)  # a number given by the user is kept exactly
 
 
 def test_a_crash_before_the_first_checkpoint_is_accepted_by_resume_and_by_a_fresh_start(tmp_path, tiny_arith_model,

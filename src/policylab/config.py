@@ -97,7 +97,7 @@ class TrainConfig(Strict):
     eval_max_new_tokens: int = Field(0, ge=0)  # 0 = rollout.max_new_tokens
     eval_samples: int = Field(4, ge=0)  # sampled completions per eval prompt (at rollout temperature); 0 = greedy only
     # checkpoint every N steps; 0 = only at the end (and on Ctrl-C/SIGTERM); "auto" = ten per run, at most 100
-    # steps apart (train/checkpoint.py save_interval), so a crash loses at most a tenth of the run
+    # steps apart, skipping one while saves would take over a tenth of the time (train/checkpoint.py SaveSchedule)
     save_every: int | Literal["auto"] = "auto"
     log_samples: int = Field(4, ge=0)
     # seconds one reward call may take before it counts as failed (rewards/timeout.py); 0 = no deadline

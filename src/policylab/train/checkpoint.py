@@ -16,6 +16,7 @@ import os
 import pickle
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +59,34 @@ def save_interval(save_every: int | str, steps: int) -> int:
     if save_every == "auto":
         return min(100, max(1, math.ceil(steps / 10)))
     return int(save_every)
+
+
+class SaveSchedule:
+    """When the loop writes a periodic checkpoint. A number N: every N steps. ``auto``: every tenth of the run
+    (``save_interval``), except that a save is skipped while less than ``OVERHEAD`` times the last save's own
+    duration has passed since it ended, so checkpoints cost at most about a tenth of the run's time (a
+    SmolLM2-135M checkpoint with AdamW state is 1.5 GiB and took 11.7 s on a 2-core CPU, against 23 s/step)."""
+
+    OVERHEAD = 10.0
+
+    def __init__(self, save_every: int | str, steps: int, clock: Callable[[], float] = time.monotonic):
+        self.auto, self.every, self.clock = save_every == "auto", save_interval(save_every, steps), clock
+        self.last_end: float | None = None
+        self.last_cost: float | None = None
+
+    def due(self, step: int) -> bool:
+        if not self.every or step % self.every:
+            return False
+        if not self.auto or self.last_cost is None:
+            return True
+        return self.clock() - self.last_end >= self.OVERHEAD * self.last_cost
+
+    def run(self, save: Callable[[], Any]) -> Any:
+        start = self.clock()
+        out = save()
+        self.last_end = self.clock()
+        self.last_cost = self.last_end - start
+        return out
 
 
 def step_of(path: Path) -> int:

@@ -368,7 +368,7 @@ class Trainer:
                   f"(to train further: {interrupt.resume_command(self.run_dir)} train.steps=N)", file=sys.stderr, flush=True)
             return self.run_dir
         interrupt.clear_marker(self.run_dir)  # a resumed run is no longer a stopped one
-        save_every = checkpoint.save_interval(cfg.save_every, cfg.steps)
+        saves = checkpoint.SaveSchedule(cfg.save_every, cfg.steps)  # train.save_every; 'auto' by default
         self.logger.start(self.step)
         self.trackers = Trackers(cfg.report_to, self.run_dir, recipe_to_dict(self.recipe), resume_step=self.step,
                                  warn=self.logger.warn)
@@ -389,8 +389,8 @@ class Trainer:
                         break  # stop quickly: no periodic eval, only the checkpoint below
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                         log_eval(self.step, self.evaluate())
-                    if save_every and self.step % save_every == 0 and self.step < cfg.steps:
-                        self.save()
+                    if self.step < cfg.steps and saves.due(self.step):
+                        saves.run(self.save)
                         saved_at = self.step
                 if stop.requested and self.step < cfg.steps:
                     if saved_at != self.step:
