@@ -323,3 +323,21 @@ def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, finished, ca
     err = capfd.readouterr().err
     assert f"policylab: run {run} already finished at step 3 of 3; nothing to do" in err
     assert (run / "metrics.jsonl").read_text() == before  # no duplicate final eval line
+
+
+def test_an_old_pickled_trainer_state_is_refused_with_the_conversion_command(tmp_path):
+    import numpy as np
+
+    folder = tmp_path / "checkpoints" / "step-1"
+    folder.mkdir(parents=True)
+    old_rng = {"python": __import__("random").getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({"step": 1, "rng": old_rng}, folder / checkpoint.STATE_FILE)  # the format before this change
+    with pytest.raises(TrainingError, match="--convert-trusted"):
+        checkpoint.load_trainer_state(folder)
+    checkpoint.convert_trusted(folder)
+    state = checkpoint.load_trainer_state(folder)
+    assert checkpoint.verify(folder) is None
+    before = np.random.get_state()[1].copy()
+    np.random.seed(123)
+    checkpoint.set_rng_state(state["rng"])
+    assert (np.random.get_state()[1] == before).all()
