@@ -60,6 +60,9 @@ class RolloutConfig(Strict):
     generation_batch_size: int = Field(0, ge=0)  # completions per generate() call; 0 = all at once
     max_gen_batches: int = 10  # dynamic sampling: generation rounds per step before giving up (<=0: unlimited)
     gen_prompts_per_round: int = Field(0, ge=0)  # dynamic sampling: prompts per extra round; 0 = prompts_per_step
+    # a prompt longer than the model's context minus max_new_tokens, found before any generation
+    # (train/prompt_budget.py): fail naming the rows, cut it from the left, or leave the row out; counted either way
+    overlong_prompt: Literal["error", "truncate_left", "drop"] = "error"
 
     @field_validator("engine", mode="before")
     @classmethod
@@ -93,8 +96,12 @@ class TrainConfig(Strict):
     eval_size: int = Field(32, ge=0)
     eval_max_new_tokens: int = Field(0, ge=0)  # 0 = rollout.max_new_tokens
     eval_samples: int = Field(4, ge=0)  # sampled completions per eval prompt (at rollout temperature); 0 = greedy only
-    save_every: int = Field(0, ge=0)  # 0 = only at the end
+    # checkpoint every N steps; 0 = only at the end (and on Ctrl-C/SIGTERM); "auto" = ten per run, at most 100
+    # steps apart, skipping one while saves would take over a tenth of the time (train/checkpoint.py SaveSchedule)
+    save_every: int | Literal["auto"] = "auto"
     log_samples: int = Field(4, ge=0)
+    # seconds one reward call may take before it counts as failed (rewards/timeout.py); 0 = no deadline
+    reward_timeout_s: float = Field(60.0, ge=0)
     logprob_chunk: int = Field(128, ge=1)  # completion positions per log-softmax chunk
     share_prompts: bool = True  # run each prompt once per micro-batch; its G rows attend to that one copy
     packed: bool = True  # padding-free micro-batches: each one forward over a single sequence of real tokens
@@ -103,6 +110,13 @@ class TrainConfig(Strict):
     progress: bool = True
     # experiment trackers mirroring metrics.jsonl (the optional 'tracking' extra); off by default
     report_to: list[str] = Field(default_factory=list)
+
+    @field_validator("save_every")
+    @classmethod
+    def _save_every(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be 0 (only at the end), a positive number of steps, or 'auto'")
+        return v
 
     @field_validator("report_to", mode="before")
     @classmethod

@@ -115,7 +115,7 @@ def build_components(recipe: Recipe) -> Components:
     parts = Components(
         advantage=make("advantage", alg.advantage, "algorithm.advantage"),
         update=update,
-        rewards=RewardCombiner(recipe.rewards),
+        rewards=RewardCombiner(recipe.rewards, timeout_s=recipe.train.reward_timeout_s),
         reward_shaping=[make("reward_shaping", c, f"algorithm.reward_shaping.{i}") for i, c in enumerate(alg.reward_shaping)],
         group_filter=make("group_filter", alg.group_filter, "algorithm.group_filter") if alg.group_filter else None,
         sampler=make("sampler", recipe.sampler, "sampler"),

@@ -1,5 +1,10 @@
 """Run outputs: metrics.jsonl (one line per step), samples.jsonl, a rich progress bar (or one line per step
-when stderr is not a terminal), and at the end the run's summary and curves PNG (train/run_report.py)."""
+when stderr is not a terminal), and at the end the run's summary and curves PNG (train/run_report.py).
+
+Lines are strict JSON: a non-finite number (NaN, ±inf) is written as null, never as ``NaN``/``Infinity``, which
+other JSON readers reject. A line torn by a kill or a full disk can only be the last one; a resume reports it and
+drops it, and rewrites the file by write-to-temporary-and-rename (train/run_dir.py), so a kill during the resume
+loses nothing."""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import torch
 
 from policylab.rollouts import Rollouts
 from policylab.train import run_report
+from policylab.train.errors import TrainingError
+from policylab.train.run_dir import os_reason, write_atomic
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -85,8 +92,12 @@ class RunLogger:
             self._task = self._progress.add_task("train", total=self.total, completed=step, info="")
 
     def _append(self, path: Path, record: dict) -> None:
-        with path.open("a") as f:
-            f.write(json.dumps(record, default=_jsonable) + "\n")
+        line = json.dumps(finite_json(record), default=_jsonable, allow_nan=False) + "\n"
+        try:
+            with path.open("a") as f:
+                f.write(line)
+        except OSError as err:
+            raise TrainingError(f"could not append to {path}: {os_reason(err)}") from err
 
     def log_step(self, step: int, metrics: dict[str, Any], batch: Rollouts, n_samples: int) -> None:
         record = {"step": step, **{k: v for k, v in sorted(metrics.items()) if k != "step"}}
@@ -127,24 +138,33 @@ class RunLogger:
         print(f"policylab: {message}", file=sys.stderr)
 
     def truncate_after(self, step: int) -> None:
-        """On resume: lines after the checkpoint's step move to metrics.discarded.jsonl (they will be redone)."""
+        """On resume: lines after the checkpoint's step move to metrics.discarded.jsonl (they will be redone).
+        A torn last line is reported and dropped; a bad line elsewhere is an error naming the file and line."""
         for path in (self.metrics_path, self.samples_path):
             if not path.exists():
                 continue
             keep, drop = [], []
             lines = path.read_text().splitlines()
+            while lines and not lines[-1].strip():
+                lines.pop()
             for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
                 try:
                     after = json.loads(line).get("step", 0) > step
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, AttributeError):
                     if number < len(lines):
-                        raise ValueError(f"{path}:{number} is not valid JSON") from None
-                    after = True  # the last line, torn when the run was killed mid-write: it is redone
+                        raise TrainingError(f"{path}:{number} is not valid JSON; the file is damaged before its last "
+                                            "line, which a kill cannot do: repair or remove that line") from None
+                    self.warn(f"{path}:{number}: the last line is torn (the run was killed or the disk filled while "
+                              f"writing it); dropped, its step is redone ({len(line)} characters kept in "
+                              f"{path.with_suffix('.discarded.jsonl').name})")
+                    after = True
                 (drop if after else keep).append(line)
             if drop:
                 with path.with_suffix(".discarded.jsonl").open("a") as f:
                     f.write("\n".join(drop) + "\n")
-            path.write_text("".join(line + "\n" for line in keep))
+            write_atomic(path, "".join(line + "\n" for line in keep))
 
     def close(self) -> None:
         """Stop the bar, then write the curves PNG and print the summary (also after a crash or Ctrl-C:
@@ -164,9 +184,20 @@ class RunLogger:
         print(text, file=sys.stderr, flush=True)
 
 
+def finite_json(x):
+    """``x`` with every non-finite float replaced by None (JSON null)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_json(v) for v in x]
+    return x
+
+
 def _jsonable(x):
     if isinstance(x, torch.Tensor):
-        return x.tolist()
+        return finite_json(x.tolist())
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return str(x)

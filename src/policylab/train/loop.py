@@ -23,17 +23,15 @@ from policylab.interfaces import LogitsTransform, Sampling
 from policylab.rollouts import PolicyOutputs, Rollouts
 from policylab.sampling.dynamic import NotEnoughInformativeGroups, collect_informative_groups
 from policylab.tasks import Task
-from policylab.train import checkpoint, interrupt
+from policylab.train import checkpoint, interrupt, prompt_budget
 from policylab.train.components import Components, build_components, hook
 from policylab.train.context import TrainContext
+from policylab.train.errors import TrainingError  # noqa: F401 - re-exported: policylab.train.loop.TrainingError
 from policylab.models.forward import policy_forward, trim
 from policylab.train.logging import RunLogger, batch_metrics, peak_memory_mib
+from policylab.train.run_dir import RunLock
 from policylab.train.trackers import Trackers, check_installed
 from policylab.train.update import NonFiniteStep, micro_batch_order, update_on_batch
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (every reward failed, repeated non-finite steps, no informative groups)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -55,8 +53,18 @@ def default_run_dir(recipe: Recipe) -> Path:
 
 class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Path, resume: bool = False):
-        self.recipe = recipe
         self.run_dir = Path(run_dir)
+        # first, before anything expensive: a second run or resume in this directory is refused here
+        self.lock = run_dir_lock(self.run_dir)
+        try:
+            self._build(recipe, resume)
+        except BaseException:
+            self.lock.abandon()
+            raise
+
+    def _build(self, recipe: Recipe, resume: bool) -> None:
+        self.recipe = recipe
+        self.resumed = resume
         self.device = resolve_device(recipe.train.device)
         self.step = 0
         self.bad_steps_in_row = 0
@@ -79,6 +87,7 @@ class Trainer:
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
+        self._fit_prompts()  # before any generation: prompts over the context budget, by rollout.overlong_prompt
         self.ref_model = None
         if self.parts.plan.needs_reference_model:
             self.ref_model, _ = models.load(m.name, m.dtype, self.device, tiny=m.tiny, seed=recipe.train.seed)
@@ -99,14 +108,29 @@ class Trainer:
         if resume:
             self._resume()
         elif (self.run_dir / "metrics.jsonl").exists():
-            raise TrainingError(f"run directory {self.run_dir} already holds a run (metrics.jsonl); continue it with "
-                                "--resume or choose another --run-dir (nothing was overwritten)")
+            if checkpoint.checkpoints(self.run_dir):
+                raise TrainingError(f"run directory {self.run_dir} already holds a run (metrics.jsonl, checkpoints/); "
+                                    "continue it with --resume or choose another --run-dir (nothing was overwritten)")
+            self._restart("a fresh start")
         # on resume too: an override (train.steps=200) is now the run's recipe, which `policylab show` and a
         # later resume read; written under a temporary name and renamed, so a crash keeps the previous one
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.run_dir / ".config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         tmp.replace(self.run_dir / "config.yaml")
+
+    def _fit_prompts(self) -> None:
+        r, cfg = self.recipe.rollout, self.recipe.train
+        warn = lambda m: print(f"policylab: {m}", file=sys.stderr, flush=True)  # noqa: E731
+        bound = len(self.task.train)
+        for split, max_new in (("train", r.max_new_tokens), ("eval", cfg.eval_max_new_tokens or r.max_new_tokens)):
+            rows = getattr(self.task, split)
+            budget = prompt_budget.prompt_budget(self.model, max_new)
+            if rows and budget is not None:
+                setattr(self.task, split, prompt_budget.apply_policy(rows, self.tokenizer, budget, r.overlong_prompt,
+                                                                      split, warn))
+        if len(self.task.train) != bound:  # rows were dropped: the sampler draws from the rows left
+            self.parts.sampler.bind(len(self.task.train), seed=cfg.seed)
 
     # -- scoring and generation services for components ------------------------------------------
     @torch.no_grad()
@@ -161,7 +185,7 @@ class Trainer:
         rewards, components = self.parts.rewards(rollouts.prompts, rollouts.completions, rollouts.rows)
         rollouts.rewards, rollouts.reward_components = rewards, components
         rollouts.extras["max_new_tokens"] = self.sampling.max_new_tokens
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = dict(self.parts.rewards.last_metrics())  # timeouts, non-finite values
         for shaping in self.parts.reward_shaping:
             delta, shaping_metrics = shaping(rollouts)
             rollouts.rewards = rollouts.rewards + delta
@@ -300,10 +324,19 @@ class Trainer:
     def save(self) -> Path:
         return checkpoint.save(self.run_dir, self.step, self.model, self.tokenizer, self.trainer_state())
 
+    def _restart(self, how: str) -> None:
+        """A run that crashed before its first checkpoint: nothing to resume, so start it over; its logged lines
+        move to metrics.discarded.jsonl (train/logging.py)."""
+        self.logger.warn(f"{how} in {self.run_dir}: it holds no checkpoint (the run ended before its first one), "
+                         "so training starts over from step 0; its logged lines move to metrics.discarded.jsonl")
+        self.logger.truncate_after(-1)
+
     def _resume(self) -> None:
-        path = checkpoint.latest(self.run_dir)
+        path = checkpoint.latest_intact(self.run_dir, self.logger.warn)
         if path is None:
-            raise TrainingError(f"--resume {self.run_dir}: no checkpoint found under {self.run_dir / 'checkpoints'}")
+            self._restart("--resume")
+            self.resumed = False
+            return
         from safetensors.torch import load_file
 
         weights = {}
@@ -330,7 +363,13 @@ class Trainer:
         line on stderr with the resume command, ``self.stopped`` set to the signal number, a normal return. A
         second signal raises KeyboardInterrupt at once; the last complete checkpoint stays usable."""
         cfg = self.recipe.train
+        if self.resumed and self.step >= cfg.steps:  # resuming a finished run: no second final eval or save
+            self.lock.release()
+            print(f"policylab: run {self.run_dir} already finished at step {self.step} of {cfg.steps}; nothing to do "
+                  f"(to train further: {interrupt.resume_command(self.run_dir)} train.steps=N)", file=sys.stderr, flush=True)
+            return self.run_dir
         interrupt.clear_marker(self.run_dir)  # a resumed run is no longer a stopped one
+        saves = checkpoint.SaveSchedule(cfg.save_every, cfg.steps)  # train.save_every; 'auto' by default
         self.logger.start(self.step)
         self.trackers = Trackers(cfg.report_to, self.run_dir, recipe_to_dict(self.recipe), resume_step=self.step,
                                  warn=self.logger.warn)
@@ -351,8 +390,8 @@ class Trainer:
                         break  # stop quickly: no periodic eval, only the checkpoint below
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                         log_eval(self.step, self.evaluate())
-                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                        self.save()
+                    if self.step < cfg.steps and saves.due(self.step):
+                        saves.run(self.save)
                         saved_at = self.step
                 if stop.requested and self.step < cfg.steps:
                     if saved_at != self.step:
@@ -375,9 +414,14 @@ class Trainer:
             self.parts.engine.close()
             self.logger.close()
             self.trackers.close()
+            self.lock.release()
             if message:  # after the progress bar is gone, so the line stays readable
                 print(f"policylab: {message}", file=sys.stderr, flush=True)
         return self.run_dir
+
+
+def run_dir_lock(directory: Path) -> RunLock:
+    return RunLock.acquire(directory, warn=lambda m: print(f"policylab: {m}", file=sys.stderr, flush=True))
 
 
 def _has_field(batch: Rollouts, name: str) -> bool:
