@@ -3,7 +3,9 @@
 A reward that raises or returns None (or NaN) marks that sample's total reward NaN: the advantage
 stage leaves it out of its group's baseline and gives it a zero advantage; it is counted in
 ``reward/failed``. ``accuracy`` is the first reward component read as correct (> 0.5). A reward with ``batched = True``
-(rewards/user.py: TRL-style functions) is called once per batch through ``score_batch``.
+(rewards/user.py: TRL-style functions) is called once per batch through ``score_batch``; one with
+``reads_rollouts = True`` (rewards/environment.py: an agent episode's return) once per batch through
+``score_rollouts(rollouts)``.
 """
 
 from __future__ import annotations
@@ -61,11 +63,27 @@ class RewardCombiner:
                 self.failures_logged += 1
             return [math.nan] * len(completions)
 
-    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score_rollouts(self, reward: NamedReward, rollouts) -> list[float]:
+        """A rollout-level reward (``score_rollouts``): one call on the batch; a raise fails the batch."""
+        if rollouts is None:
+            raise ValueError(f"reward {reward.name!r} reads the rollout batch (an agent engine's fields); this caller "
+                             "passed texts only")
+        try:
+            return reward.fn.score_rollouts(rollouts)
+        except Exception as err:
+            if self.failures_logged < 5:
+                warnings.warn(f"reward {reward.name!r} raised {type(err).__name__}: {err}", stacklevel=2)
+                self.failures_logged += 1
+            return [math.nan] * rollouts.batch_size
+
+    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict],
+                 rollouts=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(completions), dtype=torch.float32)
         for reward in self.rewards:
-            if getattr(reward.fn, "batched", False):
+            if getattr(reward.fn, "reads_rollouts", False):
+                scores = self.score_rollouts(reward, rollouts)
+            elif getattr(reward.fn, "batched", False):
                 scores = self.score_batch(reward, prompts, completions, rows)
             else:
                 scores = [self.score_one(reward, p, c, r) for p, c, r in zip(prompts, completions, rows)]

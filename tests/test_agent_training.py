@@ -1,0 +1,84 @@
+"""Agent episodes through the training stages: rollout-level rewards (env_return, env_success), GRPO/RLOO
+over trajectory returns, the stop string of tool calls, and a 3-step run with its metrics and samples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import policylab
+from policylab import models, registry
+from policylab.config import Component
+from policylab.interfaces import Sampling
+from policylab.rewards.combine import RewardCombiner
+from policylab.rollout.agent import AgentEngine
+from tests.test_agent_engine import ROWS
+
+
+@pytest.fixture(scope="module")
+def episodes(tiny_arith_model):
+    model, tok = models.load(tiny_arith_model)
+    engine = AgentEngine(max_turns=3, reward="dense")
+    engine.bind(model, tok)
+    torch.manual_seed(1)
+    return engine.generate(ROWS, Sampling(group_size=3, temperature=1.0, max_new_tokens=6))
+
+
+def test_rollout_level_rewards_read_the_engine_fields(episodes):
+    combiner = RewardCombiner([Component(name="env_success", weight=0.0), Component(name="env_return")])
+    total, parts = combiner(episodes.prompts, episodes.completions, episodes.rows, rollouts=episodes)
+    assert torch.equal(total, episodes.extras["env_return"])
+    assert torch.equal(parts["accuracy"], episodes.extras["env_success"])  # the first reward: success
+    with pytest.raises(ValueError, match="reads the rollout batch"):
+        combiner(episodes.prompts, episodes.completions, episodes.rows)
+
+
+def test_a_rollout_reward_without_the_agent_engine_fails_its_samples_not_the_run(episodes):
+    plain = episodes.with_(extras={})
+    with pytest.warns(UserWarning, match="'agent' rollout engine writes"):
+        total, _ = RewardCombiner([Component(name="env_return")])(plain.prompts, plain.completions, plain.rows,
+                                                                   rollouts=plain)
+    assert torch.isnan(total).all()
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_group_advantages_work_over_trajectory_returns(episodes, name):
+    batch = episodes.with_(rewards=episodes.extras["env_return"].clone())
+    adv = registry.build("advantage", name, {})(batch)
+    for g in batch.group.unique():
+        r = batch.rewards[batch.group == g]
+        a = adv[batch.group == g]
+        assert torch.allclose(a.sum(), torch.tensor(0.0), atol=1e-5)  # a group baseline
+        order_r, order_a = torch.argsort(r), torch.argsort(a)
+        if r.unique().numel() == r.numel():
+            assert torch.equal(order_r, order_a)  # a higher return never gets a lower advantage
+
+
+def test_a_tool_call_close_tag_ends_the_turn(tiny_arith_model):
+    model, tok = models.load(tiny_arith_model)
+    engine = AgentEngine(stop_strings=["</tool_call>"])
+    engine.bind(model, tok)
+    stop = engine._stop_check()
+    text = 'x<tool_call>{"a": 1}</tool_call>'
+    ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+    n = ids.shape[1]
+    assert stop(torch.tensor([0]), n - 1, ids).tolist() == [True]
+    assert stop(torch.tensor([0]), n - 2, ids).tolist() == [False]  # one character short of the tag
+
+
+def test_agent_recipe_trains_and_logs_whole_conversations(tmp_path, tiny_arith_model):
+    run = policylab.train("agent_text_game", run_dir=tmp_path / "run", model="tiny-arith", steps=2,
+                          **{"rollout.group_size": 2, "train.prompts_per_step": 2, "train.eval_size": 4,
+                             "train.progress": False, "optimizer.lr": 1e-4})
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    assert len(steps) == 2
+    for key in ("agent/turns_mean", "agent/invalid_action_rate", "agent/tool_calls_mean", "agent/format_error_rate",
+                "agent/truncation_rate", "agent/success_rate", "agent/observation_frac", "agent/logp_drift_max"):
+        assert key in steps[0], key
+    assert steps[0]["agent/logp_drift_max"] < 1e-3
+    sample = json.loads((run / "samples.jsonl").read_text().splitlines()[0])
+    assert [m["role"] for m in sample["conversation"][:2]] == ["system", "user"]
+    assert sample["termination"] in ("done", "max_turns", "invalid_action", "context_budget")
