@@ -82,3 +82,24 @@ def test_agent_recipe_trains_and_logs_whole_conversations(tmp_path, tiny_arith_m
     sample = json.loads((run / "samples.jsonl").read_text().splitlines()[0])
     assert [m["role"] for m in sample["conversation"][:2]] == ["system", "user"]
     assert sample["termination"] in ("done", "max_turns", "invalid_action", "context_budget")
+
+
+def test_cli_lists_environments_and_env_switches_a_single_turn_recipe(capsys, tmp_path, tiny_arith_model):
+    from policylab import cli
+
+    assert cli.main(["environments", "--json"]) == 0
+    listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert listed["text_game"]["reward"] == "cumulative" and "rooms=2" in listed["text_game"]["parameters"]
+    assert cli.env_overrides("grpo", "text_game", own_rewards=False) == {
+        "task.name": "environment", "task.environment": "text_game", "task.params": {},
+        "rollout.engine": {"name": "agent"}, "rewards": [{"name": "env_return"}]}
+    assert "rewards" not in cli.env_overrides("agent_text_game", "tool_math", own_rewards=False)
+    with pytest.raises(registry.RegistryError, match="unknown environment 'text_gam'"):
+        cli.env_overrides("grpo", "text_gam", own_rewards=False)
+    code = cli.main(["train", "grpo", "--env", "text_game", "--model", "tiny-arith", "--steps", "1",
+                     "task.params.prompt_style=brief", "rollout.group_size=2", "train.prompts_per_step=2",
+                     "train.eval_size=2", "rollout.max_new_tokens=6", "train.progress=false",
+                     "--run-dir", str(tmp_path / "run")])
+    assert code == 0
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "environment: text_game" in config and "name: agent" in config and "env_return" in config
