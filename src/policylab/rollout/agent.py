@@ -183,6 +183,12 @@ class AgentEngine(PrunedDecodeEngine):
             first = errors[0]
             raise RuntimeError(f"agent engine: every trajectory of the batch failed in environment "
                                f"{first.row.get('environment') or self.environment!r}; the first error: {first.error}")
+        if all(not tr.response for tr in trajectories) and not errors:
+            longest = max(len(tr.prompt) for tr in trajectories)
+            warnings.warn(f"agent engine: no trajectory took a turn: the prompts (up to {longest} tokens) plus "
+                          f"rollout.max_new_tokens={sampling.max_new_tokens} exceed the context budget of {budget} "
+                          "tokens; shorten the environment's prompt (e.g. prompt_style: brief) or use a larger model",
+                          stacklevel=2)
         out = self._to_rollouts(trajectories, groups, rows)
         self.metrics = self._metrics(out, trajectories, time.perf_counter() - t0, tool_seconds)
         if self.drift_rows:
