@@ -103,3 +103,26 @@ def test_cli_lists_environments_and_env_switches_a_single_turn_recipe(capsys, tm
     assert code == 0
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "environment: text_game" in config and "name: agent" in config and "env_return" in config
+
+
+def test_a_user_class_trains_through_env_with_its_own_rows(tmp_path, tiny_arith_model):
+    from policylab import cli
+
+    (tmp_path / "vault.py").write_text(
+        "class Vault:\n"
+        "    def reset(self, code, **_):\n"
+        "        self.code = code\n"
+        "    def guess(self, value: int) -> str:\n"
+        '        """Try a code."""\n'
+        '        return "open" if value == self.code else "no"\n'
+        "    def reward(self, answer):\n"
+        "        return float(answer.strip() == str(self.code))\n")
+    rows = json.dumps([{"prompt": f"{a} + 1=", "code": a + 1} for a in range(4)])
+    code = cli.main(["train", "grpo", "--env", f"{tmp_path}/vault.py:Vault", "--model", "tiny-arith", "--steps", "1",
+                     f"task.rows={rows}", "task.eval_size=0", "rollout.group_size=2", "train.prompts_per_step=2",
+                     "train.eval_size=0", "rollout.max_new_tokens=6", "train.progress=false",
+                     "--run-dir", str(tmp_path / "run")])
+    assert code == 0  # the tool schema outgrows the tiny model's 256 positions: a warning, not a crash
+    assert "vault.py:Vault" in (tmp_path / "run" / "config.yaml").read_text()
+    sample = json.loads((tmp_path / "run" / "samples.jsonl").read_text().splitlines()[0])
+    assert '"name": "guess"' in sample["conversation"][0]["content"] and sample["termination"] == "context_budget"
