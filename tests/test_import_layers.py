@@ -24,6 +24,8 @@ FLOORS: dict[str, int] = {
     "policylab.tasks": 2,
     # 3 rewards: verifiers, shaping, judges as reward functions
     "policylab.rewards": 3,
+    # 3 environments: multi-turn environments and their tools (tools may run in the rewards' code sandbox)
+    "policylab.environments": 3,
     # 4 models: loading, teacher-forced forward, vocab log-probs, chat formatting, supervised warm-up
     "policylab.models": 4,
     # 5 rollout: generation engines

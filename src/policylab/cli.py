@@ -1,4 +1,4 @@
-"""`policylab ...`: train, recipes, components, show, samples, eval, arena, verify."""
+"""`policylab ...`: train, recipes, environments, components, show, samples, eval, arena, verify."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ def _train(args) -> int:
             overrides[key] = value
     if args.reward:  # your functions replace the recipe's rewards; rewards.N.weight=... overrides still apply after
         overrides = {"rewards": list(args.reward), **overrides}
+    if args.env:
+        try:
+            overrides = {**env_overrides(recipe, args.env, bool(args.reward)), **overrides}
+        except (RecipeError, registry.RegistryError) as err:
+            print(f"policylab train: error: {err}", file=sys.stderr)
+            return 2
     try:
         run_dir = train(recipe, run_dir=args.run_dir or args.resume, resume=bool(args.resume), **overrides)
     except (RecipeError, registry.RegistryError, TrainingError, ValueError, FileNotFoundError) as err:
@@ -45,6 +51,40 @@ def _train(args) -> int:
     if stopped:  # a graceful stop: the trainer printed the line with the resume command
         return int(stopped["exit_code"])
     print(f"run directory: {run_dir}")
+    return 0
+
+
+def env_overrides(recipe: str, env: str, own_rewards: bool) -> dict:
+    """``--env NAME``: the environment's task rows (its own parameters, none of the recipe's task's), and for a
+    single-turn recipe the agent engine and the trajectory return as the reward (unless --reward is given)."""
+    if ":" not in env:
+        registry.get("environment", env)  # a misspelled name fails here, with the nearest names
+    out = {"task.name": "environment", "task.environment": env, "task.params": {}}
+    engine = load_raw(recipe).get("rollout", {}).get("engine", "hf_pruned")
+    if (engine.get("name") if isinstance(engine, dict) else engine) != "agent":
+        out["rollout.engine"] = {"name": "agent"}
+        if not own_rewards:
+            out["rewards"] = [{"name": "env_return"}]
+    return out
+
+
+def _environments(args) -> int:
+    rows = []
+    for name, entry in registry.entries("environment").items():
+        params = ", ".join(f"{k}={p.default!r}" for k, p in registry.parameters(entry).items()
+                           if p.default is not p.empty)
+        rows.append({"name": name, "what it is": entry.summary, "reward": getattr(entry.target, "reward_mode", "?"),
+                     "parameters": params, "spec": entry.spec})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("environment", "what it is", "reward", "parameters (task.params / rollout.engine.env_params)")
+    for r in rows:
+        table.add_row(r["name"], r["what it is"], r["reward"], r["parameters"])
+    Console().print(table)
     return 0
 
 
@@ -194,6 +234,8 @@ def train_parser() -> argparse.ArgumentParser:
     t.add_argument("--reward", action="append", metavar="FILE.py:FN", help="your reward function, file.py:fn or "
                    "package.module:fn (TRL's fn(prompts, completions, **kwargs) or fn(prompt, completion, row)); "
                    "repeatable; replaces the recipe's rewards")
+    t.add_argument("--env", metavar="NAME", help="train on a multi-turn environment (see `policylab environments`, or "
+                   "file.py:Class): its task rows, the agent engine, its return as the reward")
     t.add_argument("--steps", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--run-dir", help="where the run lives (default runs/<recipe>-<model>-<time>)")
@@ -209,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list recipes")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=_recipes)
+    e = sub.add_parser("environments", help="list multi-turn environments (for --env NAME)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_environments)
     c = sub.add_parser("components", help="list registered components by kind")
     c.add_argument("kind", nargs="?")
     c.add_argument("--json", action="store_true")

@@ -32,6 +32,7 @@ KINDS = (
     "rollout_engine",  # class: bind(model, tokenizer); generate(requests, sampling) -> Rollouts
     "annotator",  # class: annotate(rollouts, ctx) -> {declared field: value}, once per batch
     "batch_transform",  # class: transform(rollouts, ctx) -> Rollouts (adds or drops rows)
+    "environment",  # class, one instance per trajectory: reset(task_row, seed) -> obs; step(action) -> (obs, done, reward, info)
 )
 # The call signature and hooks of each kind: policylab/interfaces.py.
 
@@ -40,6 +41,7 @@ KINDS = (
 _COMPONENT_PACKAGES = (
     "policylab.algo",
     "policylab.rewards",
+    "policylab.environments",
     "policylab.tasks",
     "policylab.sampling",
     "policylab.rollout",

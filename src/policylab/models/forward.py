@@ -21,7 +21,9 @@ def trim(batch: Rollouts) -> Rollouts:
     the longest completion (right). Makes a micro-batch only as wide as its own rows need."""
     prompt_keep = batch.prompt_mask.sum(0) > 0
     first = int(prompt_keep.nonzero().min()) if prompt_keep.any() else batch.prompt_mask.shape[1] - 1
-    width = int(batch.completion_mask.sum(-1).max()) if batch.batch_size else 0
+    # up to the last trained token, not the count of trained tokens: a multi-turn row has untrained
+    # observation tokens between its actions
+    width = int(completion_lengths(batch).max()) if batch.batch_size else 0
     width = max(width, 1)
     changes = {"prompt_ids": batch.prompt_ids[:, first:], "prompt_mask": batch.prompt_mask[:, first:]}
     for name in ("completion_ids", "completion_mask", "behavior_logp", "old_logp", "ref_logp", "entropy"):
@@ -34,6 +36,15 @@ def trim(batch: Rollouts) -> Rollouts:
     changes["extras"] = {k: (v[:, :width] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[:2] == (batch.batch_size, full)
                              else v) for k, v in batch.extras.items()}
     return batch.with_(**changes)
+
+
+def completion_attention(batch: Rollouts) -> torch.Tensor:
+    """[B,T] 1 on every real completion token: the trained ones and, for multi-turn rows, the observation
+    tokens between actions (``extras['completion_attention_mask']``, written by the agent engine), which
+    are context the actions attend to although they are not trained on."""
+    real = batch.extras.get("completion_attention_mask")
+    return batch.completion_mask if real is None else torch.maximum(real.to(batch.completion_mask.dtype),
+                                                                     batch.completion_mask)
 
 
 def shared_prompt_hidden(base, batch: Rollouts, device) -> torch.Tensor | None:
@@ -56,7 +67,7 @@ def shared_prompt_hidden(base, batch: Rollouts, device) -> torch.Tensor | None:
                          use_cache=True).last_hidden_state
     cache.batch_select_indices(inverse.to(device))
     completion_ids = batch.completion_ids.to(device)
-    attention = torch.cat([batch.prompt_mask.to(device).long(), batch.completion_mask.to(device).long()], dim=1)
+    attention = torch.cat([batch.prompt_mask.to(device).long(), completion_attention(batch).to(device).long()], dim=1)
     start = batch.prompt_mask.to(device).long().sum(-1, keepdim=True)
     positions = start + torch.arange(completion_ids.shape[1], device=device)[None, :]
     completion_hidden = base(input_ids=completion_ids, attention_mask=attention, position_ids=positions,
@@ -171,7 +182,8 @@ def policy_forward(model, batch: Rollouts, *, temperature: float = 1.0, chunk: i
     if completion_hidden is None:
         prompt_len = batch.prompt_ids.shape[1]
         input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1).to(device)
-        attention = torch.cat([batch.prompt_mask.to(batch.completion_mask.dtype), batch.completion_mask], dim=1).to(device)
+        attention = torch.cat([batch.prompt_mask.to(batch.completion_mask.dtype),
+                               completion_attention(batch).to(batch.completion_mask.dtype)], dim=1).to(device)
         position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
         hidden = base(input_ids=input_ids, attention_mask=attention.long(), position_ids=position_ids, use_cache=False).last_hidden_state
         # the hidden state at position p predicts token p+1: completion token t is predicted at prompt_len-1+t

@@ -4,8 +4,10 @@ A reward that raises, returns None, returns a non-finite value (NaN, ±inf, or a
 1e39, which would become inf) or runs past ``train.reward_timeout_s`` (rewards/timeout.py) marks that sample's
 total reward NaN: the advantage stage leaves it out of its group's baseline and gives it a zero advantage; it is
 counted in ``reward/failed`` (and in ``reward/timeouts`` or ``reward/nonfinite``). A weighted total that
-overflows float32 fails the sample the same way. ``accuracy`` is the first reward component read as correct (> 0.5). A reward with ``batched = True``
-(rewards/user.py: TRL-style functions) is called once per batch through ``score_batch``.
+overflows float32 fails the sample the same way. ``accuracy`` is the first reward component read as correct
+(> 0.5). A reward with ``batched = True`` (rewards/user.py: TRL-style functions) is called once per batch
+through ``score_batch``; one with ``reads_rollouts = True`` (rewards/environment.py: an agent episode's
+return) once per batch through ``score_rollouts(rollouts)``.
 """
 
 from __future__ import annotations
@@ -86,12 +88,25 @@ class RewardCombiner:
             return [math.nan] * len(completions)
         return [self._number(reward, v) for v in values]
 
-    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score_rollouts(self, reward: NamedReward, rollouts) -> list[float]:
+        """A rollout-level reward (``score_rollouts``): one call on the batch; a raise fails the batch."""
+        if rollouts is None:
+            raise ValueError(f"reward {reward.name!r} reads the rollout batch (an agent engine's fields); this caller "
+                             "passed texts only")
+        values, failed = self._call(reward, reward.fn.score_rollouts, (rollouts,))
+        if failed:
+            return [math.nan] * rollouts.batch_size
+        return [self._number(reward, v) for v in values]
+
+    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict],
+                 rollouts=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         components: dict[str, torch.Tensor] = {}
         self.counts = dict.fromkeys(self.counts, 0.0)
         total = torch.zeros(len(completions), dtype=torch.float32)
         for reward in self.rewards:
-            if getattr(reward.fn, "batched", False):
+            if getattr(reward.fn, "reads_rollouts", False):
+                scores = self.score_rollouts(reward, rollouts)
+            elif getattr(reward.fn, "batched", False):
                 scores = self.score_batch(reward, prompts, completions, rows)
             else:
                 scores = [self.score_one(reward, p, c, r) for p, c, r in zip(prompts, completions, rows)]

@@ -95,45 +95,9 @@ class PrunedDecodeEngine(HFEngine):
             cache.batch_select_indices(inverse)
         logits, positions = logits[inverse], positions[inverse]
         prompt_ids, prompt_mask = enc.input_ids[inverse], enc.attention_mask[inverse]
-        attention = prompt_mask
         batch = len(prompts)
-        tokens = torch.full((batch, s.max_new_tokens), pad, dtype=torch.long, device=device)
-        logps = torch.zeros(batch, s.max_new_tokens, device=device)
-        factors = torch.ones(batch, s.max_new_tokens, device=device)
-        lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        finished_with_eos = torch.zeros(batch, dtype=torch.bool, device=device)
-        active = torch.arange(batch, device=device)  # original row of each cache row
-        next_pos = positions[:, -1] + 1
-        for t in range(s.max_new_tokens):
-            scores = logits.float()
-            if s.temperature == 0:
-                chosen = scores.argmax(-1)
-                logp = torch.log_softmax(scores, -1).gather(-1, chosen[:, None]).squeeze(-1)
-            else:
-                if s.transforms:  # engine-neutral transforms of the raw logits, ahead of the temperature
-                    scores, factor = apply_transforms(scores, s.transforms, self.name)
-                    factors[active, t] = factor
-                scores = scores / s.temperature
-                filtered = filter_top_k_top_p(scores, s.top_k, s.top_p)
-                chosen = self.draw(torch.softmax(filtered, -1))
-                # log-prob under the tempered, untruncated distribution: what the training forward computes
-                # (and what the hf engine records), so the on-policy ratio is exactly 1
-                logp = torch.log_softmax(scores, -1).gather(-1, chosen[:, None]).squeeze(-1)
-            tokens[active, t] = chosen
-            logps[active, t] = logp
-            lengths[active] = t + 1
-            done = torch.isin(chosen, eos)
-            finished_with_eos[active[done]] = True
-            keep = (~done).nonzero().flatten()
-            if keep.numel() == 0 or t + 1 == s.max_new_tokens:
-                break
-            if keep.numel() < active.numel():
-                cache.batch_select_indices(keep)
-                active, attention, chosen, next_pos = active[keep], attention[keep], chosen[keep], next_pos[keep]
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            logits = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=next_pos[:, None],
-                           **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
-            next_pos = next_pos + 1
+        tokens, logps, factors, lengths, finished_with_eos = sample_from_cache(
+            model, logits, cache, prompt_mask, positions[:, -1] + 1, s, eos, self.draw, self.name)
         model.train(was_training)
         width = int(lengths.max()) if batch else 0
         mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
@@ -145,6 +109,60 @@ class PrunedDecodeEngine(HFEngine):
             prompts=prompts, completions=texts, behavior_logp=(logps[:, :width] * mask).cpu(),
             extras={TEMPERATURE_FACTOR.name: mean_factor(factors[:, :width].cpu(), mask.cpu())},
         )
+
+
+@torch.no_grad()
+def sample_from_cache(model, logits: torch.Tensor, cache, attention: torch.Tensor, next_pos: torch.Tensor, s: Sampling,
+                      eos: torch.Tensor, draw, engine: str, stop=None):
+    """The KV-cached sampling loop after a prefill: ``logits`` [B,V] predict each row's next token, ``cache``
+    holds the rows' keys/values, ``attention`` [B,L] their attention mask, ``next_pos`` [B] the next position.
+
+    Rows that sampled an EOS id (or for which ``stop(rows, t, tokens)`` says True: a stop string such as a
+    tool-call close tag) leave the batch and the cache. Returns (tokens [B,N], behaviour log-probs [B,N],
+    temperature factors [B,N], lengths [B], ended [B] bool = stopped by EOS or ``stop``), N = max_new_tokens.
+    """
+    device = logits.device
+    batch = logits.shape[0]
+    pad = 0
+    tokens = torch.full((batch, s.max_new_tokens), pad, dtype=torch.long, device=device)
+    logps = torch.zeros(batch, s.max_new_tokens, device=device)
+    factors = torch.ones(batch, s.max_new_tokens, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    finished_with_eos = torch.zeros(batch, dtype=torch.bool, device=device)
+    active = torch.arange(batch, device=device)  # original row of each cache row
+    for t in range(s.max_new_tokens):
+        scores = logits.float()
+        if s.temperature == 0:
+            chosen = scores.argmax(-1)
+            logp = torch.log_softmax(scores, -1).gather(-1, chosen[:, None]).squeeze(-1)
+        else:
+            if s.transforms:  # engine-neutral transforms of the raw logits, ahead of the temperature
+                scores, factor = apply_transforms(scores, s.transforms, engine)
+                factors[active, t] = factor
+            scores = scores / s.temperature
+            filtered = filter_top_k_top_p(scores, s.top_k, s.top_p)
+            chosen = draw(torch.softmax(filtered, -1))
+            # log-prob under the tempered, untruncated distribution: what the training forward computes
+            # (and what the hf engine records), so the on-policy ratio is exactly 1
+            logp = torch.log_softmax(scores, -1).gather(-1, chosen[:, None]).squeeze(-1)
+        tokens[active, t] = chosen
+        logps[active, t] = logp
+        lengths[active] = t + 1
+        done = torch.isin(chosen, eos)
+        if stop is not None:
+            done = done | stop(active, t, tokens)
+        finished_with_eos[active[done]] = True
+        keep = (~done).nonzero().flatten()
+        if keep.numel() == 0 or t + 1 == s.max_new_tokens:
+            break
+        if keep.numel() < active.numel():
+            cache.batch_select_indices(keep)
+            active, attention, chosen, next_pos = active[keep], attention[keep], chosen[keep], next_pos[keep]
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        logits = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=next_pos[:, None],
+                       **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
+        next_pos = next_pos + 1
+    return tokens, logps, factors, lengths, finished_with_eos
 
 
 register("rollout_engine", "hf_pruned", spec="performance issue: generation that stops paying for finished rows")(PrunedDecodeEngine)

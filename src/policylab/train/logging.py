@@ -23,6 +23,9 @@ from policylab.train.errors import TrainingError
 from policylab.train.run_dir import os_reason, write_atomic
 
 
+CONVERSATION_FIELDS = ("conversation", "termination")  # written by the agent engine (rollout/agent.py)
+
+
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -104,8 +107,12 @@ class RunLogger:
         self._append(self.metrics_path, record)
         for i in range(min(n_samples, batch.batch_size)):
             reward = float(batch.rewards[i]) if batch.rewards is not None else None
-            self._append(self.samples_path, {"step": step, "prompt": batch.prompts[i], "completion": batch.completions[i],
-                                             "answer": batch.rows[i].get("answer"), "reward": reward})
+            record = {"step": step, "prompt": batch.prompts[i], "completion": batch.completions[i],
+                      "answer": batch.rows[i].get("answer"), "reward": reward}
+            for name in CONVERSATION_FIELDS:  # a multi-turn episode: its messages and how it ended, readable
+                if name in batch.extras:
+                    record[name] = batch.extras[name][i]
+            self._append(self.samples_path, record)
         self.last = record
         self._step_times.append(float(metrics.get("time/step_s", float("nan"))))
         info = self.progress_info(step, metrics)

@@ -182,7 +182,7 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------
     def score_rewards(self, rollouts: Rollouts) -> dict[str, float]:
-        rewards, components = self.parts.rewards(rollouts.prompts, rollouts.completions, rollouts.rows)
+        rewards, components = self.parts.rewards(rollouts.prompts, rollouts.completions, rollouts.rows, rollouts=rollouts)
         rollouts.rewards, rollouts.reward_components = rewards, components
         rollouts.extras["max_new_tokens"] = self.sampling.max_new_tokens
         metrics: dict[str, float] = dict(self.parts.rewards.last_metrics())  # timeouts, non-finite values
@@ -310,7 +310,7 @@ class Trainer:
             runs.append(("_sampled", Sampling(cfg.eval_samples, s.temperature, s.top_p, s.top_k, max_new, s.batch_size)))
         for suffix, settings in runs:
             batch = self.parts.engine.generate(rows, settings)
-            _, components = self.parts.rewards(batch.prompts, batch.completions, batch.rows)
+            _, components = self.parts.rewards(batch.prompts, batch.completions, batch.rows, rollouts=batch)
             out[f"eval/accuracy{suffix}"] = float(torch.nan_to_num(components["accuracy"], nan=0.0).mean())
             out[f"eval/completion_length{suffix}"] = float(batch.completion_mask.sum(-1).float().mean())
         torch.set_rng_state(state)
