@@ -378,3 +378,34 @@ def test_cli_usage_error():
     with pytest.raises(SystemExit) as exit_info:
         main_verify(["only-gold"])
     assert exit_info.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------------------
+# issue 12: answers that must not pass, and inputs that must not be refused
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, code, pred",
+    [
+        ([r"-\frac{1}{2}", r"\boxed{-0.5}"], 0, "-0.5"),  # GOLD starting with "-" that is not a plain number
+        (["--", r"-\frac{1}{2}", r"\boxed{-\frac{2}{4}}"], 0, r"-\frac{2}{4}"),  # "--" ends the options
+        (["--json", "--", "-x+1", r"\boxed{1-x}"], 0, "1-x"),
+        (["5", r"-\boxed{\sqrt{25}}", "--json"], 0, r"\sqrt{25}"),  # PRED starting with "-", an option after the values
+        (["--problem", "Find y.", "-y", r"\boxed{-y}"], 0, "-y"),
+        (["--timeout=5", "-3", "-3"], 0, "-3"),
+    ],
+)
+def test_cli_values_starting_with_a_dash(argv, code, pred, capsys):
+    assert main_verify(argv) == code
+    out = capsys.readouterr().out
+    if "--json" in argv:
+        assert json.loads(out)["pred"] == pred
+    else:
+        assert out.startswith("correct" if code == 0 else "incorrect")
+
+
+def test_cli_unknown_option_is_still_a_usage_error():
+    with pytest.raises(SystemExit) as exit_info:
+        main_verify(["--jsn", "1", "1"])
+    assert exit_info.value.code == 2
