@@ -409,3 +409,14 @@ def test_cli_unknown_option_is_still_a_usage_error():
     with pytest.raises(SystemExit) as exit_info:
         main_verify(["--jsn", "1", "1"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("digits", [2100, 5000, 19000])
+def test_long_decimals_parse_in_bounded_time(digits, pool):
+    third = "0." + "3" * digits
+    start = time.monotonic()
+    assert verify("1/3", r"\boxed{%s}" % third, pool=pool).correct  # 6-decimal rule: written as a decimal
+    assert verify("3" * digits, r"\boxed{%s}" % ("3" * (digits - 1) + "4"), pool=pool).correct is False
+    assert verify("-" + "9" * digits, r"\boxed{-%s}" % ("9" * digits), pool=pool).correct
+    assert verify("1" + "0" * digits, r"\boxed{10^{%d}}" % digits, pool=pool).correct
+    assert time.monotonic() - start < 8.0  # each call is far from its 10 s limit (no "timeout" verdicts)
