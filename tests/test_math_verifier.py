@@ -95,9 +95,11 @@ def test_same_result_in_this_process_and_in_a_worker(pool):
         ("0.0001234", r"\boxed{0.00012340001}", True),
         ("0.0001234", r"\boxed{0.0001235}", False),
         ("0", r"\boxed{0.0000001}", False),
-        # percent scaling needs a % sign on one side
+        # percent scaling needs a % sign on the gold (or a problem that says percent, see the issue-12 tests);
+        # against a plain gold a predicted % sign is dropped, never also read as X/100
         (r"50\%", r"\boxed{0.5}", True),
-        ("0.07", r"\boxed{7\%}", True),
+        ("0.07", r"\boxed{7\%}", False),
+        ("7", r"\boxed{7\%}", True),
         # the same unit spelled two ways is not a unit mismatch; different units are
         (r"5\text{ m}", r"\boxed{5 \text{ meters}}", True),
         (r"3\text{ kg}", r"\boxed{3\text{ g}}", False),
@@ -420,3 +422,30 @@ def test_long_decimals_parse_in_bounded_time(digits, pool):
     assert verify("-" + "9" * digits, r"\boxed{-%s}" % ("9" * digits), pool=pool).correct
     assert verify("1" + "0" * digits, r"\boxed{10^{%d}}" % digits, pool=pool).correct
     assert time.monotonic() - start < 8.0  # each call is far from its 10 s limit (no "timeout" verdicts)
+
+
+AREA = "A circle has diameter 1. What is its area?"
+ANGLE = "In triangle ABC, find the measure of angle A."
+
+
+@pytest.mark.parametrize(
+    "gold, pred, problem, expected",
+    [
+        # a percentage against a plain gold is X, not also X/100 (a guess must not win twice)
+        ("0.28", r"\boxed{28\%}", None, False),
+        ("0.28", r"\boxed{28\%}", "How many kilograms of flour are left?", False),
+        ("28", r"\boxed{28\%}", "How many kilograms of flour are left?", True),  # the % sign is dropped
+        ("0.28", r"\boxed{28\%}", "What percent of the class passed?", True),  # the problem says percent
+        ("0.28", r"\boxed{28 percent}", "What fraction passed? Give a percentage.", True),
+        (r"25\%", r"\boxed{0.25}", AREA, True),  # the gold says percent
+        # degrees -> radians only when the gold or the problem is about angles
+        (r"\frac{\pi}{4}", r"\boxed{45^\circ}", AREA, False),
+        (r"\frac{\pi}{4}", r"\boxed{45^\circ}", ANGLE, True),
+        (r"\frac{\pi}{2}", r"\boxed{90^\circ}", r"Solve \sin x = 1 for 0 \le x < 2\pi.", True),
+        (r"45^\circ", r"\boxed{\frac{\pi}{4}}", AREA, True),  # the gold has the degree mark
+        (r"\frac{\pi}{4}", r"\boxed{45^\circ}", None, True),  # no problem text: hard-case row deg-vs-rad
+    ],
+)
+def test_percent_and_angle_conversions_need_the_context(gold, pred, problem, expected, pool):
+    result = verify(gold, pred, problem=problem, pool=pool)
+    assert result.correct is expected, result
