@@ -449,3 +449,37 @@ ANGLE = "In triangle ABC, find the measure of angle A."
 def test_percent_and_angle_conversions_need_the_context(gold, pred, problem, expected, pool):
     result = verify(gold, pred, problem=problem, pool=pool)
     assert result.correct is expected, result
+
+
+@pytest.mark.parametrize(
+    "gold, pred, expected",
+    [
+        # a trailing word that is not a unit changes the answer: wrong unless the gold has it
+        ("7", r"\boxed{7 thousand}", False),
+        ("7", "The answer is 7 thousand.", False),
+        ("7", r"\boxed{7\text{ thousand}}", False),
+        ("25", r"\boxed{25 squared}", False),
+        ("120", r"\boxed{120 factorial}", False),
+        ("6", r"\boxed{6 minus one}", False),
+        ("5", r"\boxed{5 is wrong}", False),
+        ("5", "The answer is 5 is wrong.", False),
+        ("5", r"\boxed{5\text{ is not it}}", False),
+        ("7 thousand", r"\boxed{7 thousand}", True),
+        (r"7\text{ thousand}", r"\boxed{7 \text{ thousand}}", True),
+        # units (the closed list plus SI prefixes) are still annotations
+        ("5", r"\boxed{5 kilometers}", True),
+        ("3", r"\boxed{3 kJ}", True),
+        ("4", r"\boxed{4\text{ MHz}}", True),
+        ("2", r"\boxed{2 nanoseconds}", True),
+        ("7", r"\boxed{7\,\mathrm{mL}}", True),
+        ("5", r"\boxed{5 square units}", True),
+        ("12", r"\boxed{12 \text{ hours}}", True),
+        ("3", r"\boxed{3 \mu m}", False),  # "\mu m" is a product with a symbol, not read as a unit
+        (r"5\text{ kJ}", r"\boxed{5\text{ J}}", False),  # two different recognised units
+        (r"5\text{ mm}", r"\boxed{5\text{ Mm}}", False),  # SI symbols are case-sensitive (milli vs mega)
+        (r"5\text{ mL}", r"\boxed{5 \text{ ml}}", True),
+    ],
+)
+def test_trailing_words_are_units_only_when_they_are_units(gold, pred, expected):
+    result = verify_local(gold, pred)
+    assert result.correct is expected, result
