@@ -483,3 +483,29 @@ def test_percent_and_angle_conversions_need_the_context(gold, pred, problem, exp
 def test_trailing_words_are_units_only_when_they_are_units(gold, pred, expected):
     result = verify_local(gold, pred)
     assert result.correct is expected, result
+
+
+@pytest.mark.parametrize(
+    "pred, expected",
+    [
+        # a hedge right after the answer, also after a sentence break, makes it no answer
+        ("The answer is 5; or maybe 6.", False),
+        ("The answer is 5. Or maybe 6.", False),
+        ("The answer is 5. Or perhaps it is 6.", False),
+        ("The answer is 5; or 6.", False),
+        ("Answer: 5. Possibly 6, though.", False),
+        (r"\boxed{5}; or maybe 6", False),
+        (r"\boxed{5}. But I'm not sure.", False),
+        (r"So the answer is \boxed{5}, or possibly \(6\).", False),
+        # not hedges: a closing formula, "I hope it is correct", a check after the answer
+        ("The final answer is 5. I hope it is correct.", True),
+        ("The answer is 5. Indeed 2 + 3 = 5.", True),
+        (r"\boxed{5}. This matches the estimate.", True),
+        ("The answer is 5; the other root is negative.", True),
+    ],
+)
+def test_hedged_answers_are_wrong(pred, expected):
+    result = verify_local("5", pred)
+    assert result.correct is expected, result
+    if not expected:
+        assert result.reason == "hedged"
