@@ -95,9 +95,11 @@ def test_same_result_in_this_process_and_in_a_worker(pool):
         ("0.0001234", r"\boxed{0.00012340001}", True),
         ("0.0001234", r"\boxed{0.0001235}", False),
         ("0", r"\boxed{0.0000001}", False),
-        # percent scaling needs a % sign on one side
+        # percent scaling needs a % sign on the gold (or a problem that says percent, see the issue-12 tests);
+        # against a plain gold a predicted % sign is dropped, never also read as X/100
         (r"50\%", r"\boxed{0.5}", True),
-        ("0.07", r"\boxed{7\%}", True),
+        ("0.07", r"\boxed{7\%}", False),
+        ("7", r"\boxed{7\%}", True),
         # the same unit spelled two ways is not a unit mismatch; different units are
         (r"5\text{ m}", r"\boxed{5 \text{ meters}}", True),
         (r"3\text{ kg}", r"\boxed{3\text{ g}}", False),
@@ -378,3 +380,132 @@ def test_cli_usage_error():
     with pytest.raises(SystemExit) as exit_info:
         main_verify(["only-gold"])
     assert exit_info.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------------------
+# issue 12: answers that must not pass, and inputs that must not be refused
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, code, pred",
+    [
+        ([r"-\frac{1}{2}", r"\boxed{-0.5}"], 0, "-0.5"),  # GOLD starting with "-" that is not a plain number
+        (["--", r"-\frac{1}{2}", r"\boxed{-\frac{2}{4}}"], 0, r"-\frac{2}{4}"),  # "--" ends the options
+        (["--json", "--", "-x+1", r"\boxed{1-x}"], 0, "1-x"),
+        (["5", r"-\boxed{\sqrt{25}}", "--json"], 0, r"\sqrt{25}"),  # PRED starting with "-", an option after the values
+        (["--problem", "Find y.", "-y", r"\boxed{-y}"], 0, "-y"),
+        (["--timeout=5", "-3", "-3"], 0, "-3"),
+    ],
+)
+def test_cli_values_starting_with_a_dash(argv, code, pred, capsys):
+    assert main_verify(argv) == code
+    out = capsys.readouterr().out
+    if "--json" in argv:
+        assert json.loads(out)["pred"] == pred
+    else:
+        assert out.startswith("correct" if code == 0 else "incorrect")
+
+
+def test_cli_unknown_option_is_still_a_usage_error():
+    with pytest.raises(SystemExit) as exit_info:
+        main_verify(["--jsn", "1", "1"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("digits", [2100, 5000, 19000])
+def test_long_decimals_parse_in_bounded_time(digits, pool):
+    third = "0." + "3" * digits
+    start = time.monotonic()
+    assert verify("1/3", r"\boxed{%s}" % third, pool=pool).correct  # 6-decimal rule: written as a decimal
+    assert verify("3" * digits, r"\boxed{%s}" % ("3" * (digits - 1) + "4"), pool=pool).correct is False
+    assert verify("-" + "9" * digits, r"\boxed{-%s}" % ("9" * digits), pool=pool).correct
+    assert verify("1" + "0" * digits, r"\boxed{10^{%d}}" % digits, pool=pool).correct
+    assert time.monotonic() - start < 8.0  # each call is far from its 10 s limit (no "timeout" verdicts)
+
+
+AREA = "A circle has diameter 1. What is its area?"
+ANGLE = "In triangle ABC, find the measure of angle A."
+
+
+@pytest.mark.parametrize(
+    "gold, pred, problem, expected",
+    [
+        # a percentage against a plain gold is X, not also X/100 (a guess must not win twice)
+        ("0.28", r"\boxed{28\%}", None, False),
+        ("0.28", r"\boxed{28\%}", "How many kilograms of flour are left?", False),
+        ("28", r"\boxed{28\%}", "How many kilograms of flour are left?", True),  # the % sign is dropped
+        ("0.28", r"\boxed{28\%}", "What percent of the class passed?", True),  # the problem says percent
+        ("0.28", r"\boxed{28 percent}", "What fraction passed? Give a percentage.", True),
+        (r"25\%", r"\boxed{0.25}", AREA, True),  # the gold says percent
+        # degrees -> radians only when the gold or the problem is about angles
+        (r"\frac{\pi}{4}", r"\boxed{45^\circ}", AREA, False),
+        (r"\frac{\pi}{4}", r"\boxed{45^\circ}", ANGLE, True),
+        (r"\frac{\pi}{2}", r"\boxed{90^\circ}", r"Solve \sin x = 1 for 0 \le x < 2\pi.", True),
+        (r"45^\circ", r"\boxed{\frac{\pi}{4}}", AREA, True),  # the gold has the degree mark
+        (r"\frac{\pi}{4}", r"\boxed{45^\circ}", None, True),  # no problem text: hard-case row deg-vs-rad
+    ],
+)
+def test_percent_and_angle_conversions_need_the_context(gold, pred, problem, expected, pool):
+    result = verify(gold, pred, problem=problem, pool=pool)
+    assert result.correct is expected, result
+
+
+@pytest.mark.parametrize(
+    "gold, pred, expected",
+    [
+        # a trailing word that is not a unit changes the answer: wrong unless the gold has it
+        ("7", r"\boxed{7 thousand}", False),
+        ("7", "The answer is 7 thousand.", False),
+        ("7", r"\boxed{7\text{ thousand}}", False),
+        ("25", r"\boxed{25 squared}", False),
+        ("120", r"\boxed{120 factorial}", False),
+        ("6", r"\boxed{6 minus one}", False),
+        ("5", r"\boxed{5 is wrong}", False),
+        ("5", "The answer is 5 is wrong.", False),
+        ("5", r"\boxed{5\text{ is not it}}", False),
+        ("7 thousand", r"\boxed{7 thousand}", True),
+        (r"7\text{ thousand}", r"\boxed{7 \text{ thousand}}", True),
+        # units (the closed list plus SI prefixes) are still annotations
+        ("5", r"\boxed{5 kilometers}", True),
+        ("3", r"\boxed{3 kJ}", True),
+        ("4", r"\boxed{4\text{ MHz}}", True),
+        ("2", r"\boxed{2 nanoseconds}", True),
+        ("7", r"\boxed{7\,\mathrm{mL}}", True),
+        ("5", r"\boxed{5 square units}", True),
+        ("12", r"\boxed{12 \text{ hours}}", True),
+        ("3", r"\boxed{3 \mu m}", False),  # "\mu m" is a product with a symbol, not read as a unit
+        (r"5\text{ kJ}", r"\boxed{5\text{ J}}", False),  # two different recognised units
+        (r"5\text{ mm}", r"\boxed{5\text{ Mm}}", False),  # SI symbols are case-sensitive (milli vs mega)
+        (r"5\text{ mL}", r"\boxed{5 \text{ ml}}", True),
+    ],
+)
+def test_trailing_words_are_units_only_when_they_are_units(gold, pred, expected):
+    result = verify_local(gold, pred)
+    assert result.correct is expected, result
+
+
+@pytest.mark.parametrize(
+    "pred, expected",
+    [
+        # a hedge right after the answer, also after a sentence break, makes it no answer
+        ("The answer is 5; or maybe 6.", False),
+        ("The answer is 5. Or maybe 6.", False),
+        ("The answer is 5. Or perhaps it is 6.", False),
+        ("The answer is 5; or 6.", False),
+        ("Answer: 5. Possibly 6, though.", False),
+        (r"\boxed{5}; or maybe 6", False),
+        (r"\boxed{5}. But I'm not sure.", False),
+        (r"So the answer is \boxed{5}, or possibly \(6\).", False),
+        # not hedges: a closing formula, "I hope it is correct", a check after the answer
+        ("The final answer is 5. I hope it is correct.", True),
+        ("The answer is 5. Indeed 2 + 3 = 5.", True),
+        (r"\boxed{5}. This matches the estimate.", True),
+        ("The answer is 5; the other root is negative.", True),
+    ],
+)
+def test_hedged_answers_are_wrong(pred, expected):
+    result = verify_local("5", pred)
+    assert result.correct is expected, result
+    if not expected:
+        assert result.reason == "hedged"

@@ -232,3 +232,33 @@ def test_every_recipe_uses_the_aggregation_its_objective_is_written_for():
         objective = registry.build("objective", recipe.algorithm.objective.name, recipe.algorithm.objective.params)
         aggregates = getattr(objective, "aggregates", None)
         assert aggregates is None or recipe.algorithm.aggregate.name in aggregates, (name, aggregates)
+
+
+def test_nft_sequence_ratio_is_clamped_only_from_above():
+    # arXiv:2505.18116 and its code clamp the summed log-ratio at 10 only; a lower clamp at -20 zeroed the
+    # gradient of a correct response whose log-ratio drifted below it (here -25: dL/dlogp_t = -(1 - r^) = -0.5)
+    batch, logp = make_batch([1.0, 0.0], [2, 3], [0, 0])
+    batch.old_logp = batch.old_logp.clone()
+    batch.old_logp[0, :2] += 12.5  # row 0: sum_t (logp - old_logp) = -25
+    leaf = logp.clone().requires_grad_(True)
+    loss, _ = registry.build("objective", "nft", {"ratio_type": "sequence"})(PolicyOutputs(leaf), batch)
+    (loss * batch.completion_mask).sum().backward()
+    assert torch.allclose(leaf.grad[0, :2], torch.full((2,), -0.5), atol=1e-5)
+    # above 10 the ratio is clamped (value exp(10), no gradient), as in the paper
+    batch.old_logp[0, :2] -= 25.0  # sum = +25
+    leaf = logp.clone().requires_grad_(True)
+    loss, _ = registry.build("objective", "nft", {"ratio_type": "sequence"})(PolicyOutputs(leaf), batch)
+    (loss * batch.completion_mask).sum().backward()
+    assert torch.all(leaf.grad[0] == 0)
+
+
+def test_nft_token_ratio_is_clamped_only_from_above():
+    # token-level R = exp(min(logp - old_logp, 10)): a token at log-ratio -25 of a correct response keeps the
+    # on-policy gradient -(1 - r^) = -0.5
+    batch, logp = make_batch([1.0, 0.0], [2, 3], [0, 0])
+    batch.old_logp = batch.old_logp.clone()
+    batch.old_logp[0, 0] += 25.0
+    leaf = logp.clone().requires_grad_(True)
+    loss, _ = registry.build("objective", "nft")(PolicyOutputs(leaf), batch)
+    (loss * batch.completion_mask).sum().backward()
+    assert leaf.grad[0, 0].item() == pytest.approx(-0.5, abs=1e-5)

@@ -289,3 +289,26 @@ def test_kl_recipe_chains_with_the_reference_scorer():
     assert "ref_logp" in parts.plan.provided and "reference_logp" in parts.plan.provided["ref_logp"]
     assert not build_components(load_recipe("grpo", {"algorithm.regularizers": [{"name": "kl", "beta": 0.0}]})
                                 ).plan.needs_reference_model
+
+
+@pytest.mark.parametrize("estimator, grad", [("k1", 1.0), ("k2", -25.0), ("abs", -1.0), ("k1+", -25.0), ("k3+", -25.0)])
+def test_only_k3_clamps_the_log_ratio_by_default(estimator, grad):
+    # verl kl_penalty / Schulman's k3 note: only k3 clamps x = ref - logp (to +-20); k2 at x = 25 keeps its gradient
+    v, g = value_and_grad(estimator, lp=0.0, lr=25.0)
+    assert g == pytest.approx(grad, rel=1e-6)
+    assert value_and_grad("k3", lp=0.0, lr=25.0) == (10.0, 0.0)  # k3 itself still clamped (x, then the value)
+
+
+def test_log_ratio_clamp_is_an_option_per_estimator():
+    logp = torch.tensor(0.0, requires_grad=True)
+    k2 = kl_estimate(logp, torch.tensor(25.0), "k2", log_ratio_clamp=20.0)
+    assert float(k2.detach()) == pytest.approx(200.0)
+    (g,) = torch.autograd.grad(k2, logp)
+    assert float(g) == 0.0  # clamped: flat
+    k3 = kl_estimate(torch.tensor(0.0), torch.tensor(-30.0), "k3", log_ratio_clamp=math.inf)
+    assert float(k3) == pytest.approx(min(math.exp(-30) - 1 + 30, 10.0))
+    reg = registry.build("regularizer", "kl", {"beta": 1.0, "estimator": "k2", "log_ratio_clamp": 20.0})
+    loss, _ = reg(PolicyOutputs(logp=torch.zeros(1, 1)), make_batch(torch.ones(1, 1), ref_logp=torch.full((1, 1), 25.0)))
+    assert float(loss[0, 0]) == pytest.approx(200.0)
+    with pytest.raises(ValueError, match="log_ratio_clamp"):
+        registry.build("regularizer", "kl", {"log_ratio_clamp": 0.0})

@@ -267,6 +267,8 @@ class NftObjective:
     negative policy, i.e. lower R in proportion to the prompt's correct rate r^:
     R = exp(min(logp - old_logp, 10)) per token (``ratio_type="token"``) or exp(min(sum_t(logp - old_logp), 10))
     per sequence (``"sequence"``, spread with 1/L_i); r^ = clamp(prompt correct rate, rate_min, rate_max).
+    The log-ratio is clamped from above only, as in the paper and its code: a lower clamp would zero the gradient
+    of a correct response exactly when its likelihood has fallen furthest (R itself keeps a 1e-30 floor).
     Token losses from :func:`nft_token_losses`. neg_weight 1 = NFT, 0 = RFT; the code's "<0 = DAPO" branch is
     the ``dapo`` recipe here. Aggregation: the code divides per-sequence token sums by the constant 1000;
     the recipe uses ``seq-mean-token-sum-norm`` (a constant normaliser, C = max_new_tokens; our choice).
@@ -314,11 +316,11 @@ class NftObjective:
         opts = dict(clamp_positive=self.clamp_positive, clamp_negative=self.clamp_negative, neg_weight=self.neg_weight,
                     normalize=self.normalize)
         if self.ratio_type == "token":
-            ratio = torch.exp(log_ratio.clamp(-20.0, 10.0))
+            ratio = torch.exp(log_ratio.clamp(max=10.0))
             loss = nft_token_losses(ratio, correct[:, None].expand_as(ratio), rate[:, None].expand_as(ratio), **opts)
             loss = loss * usable[:, None]
         else:
-            ratio = torch.exp(seq_sum(log_ratio, mask).clamp(-20.0, 10.0))
+            ratio = torch.exp(seq_sum(log_ratio, mask).clamp(max=10.0))
             loss = spread_row_losses(nft_token_losses(ratio, correct, rate, **opts) * usable, mask)
         loss = torch.where(mask > 0, loss, torch.zeros_like(loss))
         r = ratio.detach() if self.ratio_type == "token" else ratio.detach()[:, None].expand_as(mask)

@@ -22,29 +22,49 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "k1+", "k3+", "abs")
 _ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 
 
-def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta.
+def check_log_ratio_clamp(log_ratio_clamp: float | None) -> None:
+    """A clamp is None (the reference default per estimator) or a positive bound (math.inf: no clamp)."""
+    if log_ratio_clamp is not None and not float(log_ratio_clamp) > 0:
+        raise ValueError(f"KL log_ratio_clamp must be None (reference default) or > 0 (inf = off), got {log_ratio_clamp!r}")
 
-    x = clamp(ref_logp - logp, -20, 20); k1 = -x; k2 = x^2/2; k3 = clamp(e^x - 1 - x, -10, 10); abs = |x|.
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3", *, log_ratio_clamp: float | None = None) -> Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman, "Approximating KL
+    divergence", 2020; the k1/k2/k3 names of GRPO, arXiv:2402.03300 eq. 4).
+
+    x = ref_logp - logp; k1 = -x; k2 = x^2/2; k3 = clamp(e^x - 1 - x, -10, 10); abs = |x|.
     "k1+"/"k3+": forward value of k1/k3, gradient of k2 (straight-through).
+    ``log_ratio_clamp`` bounds x to [-c, c] before the estimator. None (default) does what the references do
+    (verl ``kl_penalty``, Schulman's note): only k3 clamps x, at 20, because only k3 exponentiates it; k1, k2 and
+    abs are unclamped, so k2 keeps its gradient on the tokens furthest from the reference (and "k3+" takes its
+    forward value from clamped k3, its gradient from unclamped k2). A number applies that clamp to the chosen
+    estimator (math.inf = no clamp, also for k3).
     """
     estimator = _ALIASES.get(estimator, estimator)
-    x = (ref_logp - logp).clamp(-20.0, 20.0)
-    k1 = -x
-    k2 = 0.5 * x**2
-    k3 = (torch.exp(x) - 1 - x).clamp(-10.0, 10.0)
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)} (aliases {', '.join(_ALIASES)})")
+    check_log_ratio_clamp(log_ratio_clamp)
+    raw = ref_logp - logp
+    bound = float(log_ratio_clamp) if log_ratio_clamp is not None else None
+
+    def clamped(default: float) -> Tensor:
+        c = default if bound is None else bound
+        return raw if c == math.inf else raw.clamp(-c, c)
+
+    x = clamped(math.inf)  # k1, k2, abs and the k2 gradient of "+": unclamped unless asked
     if estimator == "k1":
-        return k1
+        return -x
     if estimator == "k2":
-        return k2
-    if estimator == "k3":
-        return k3
+        return 0.5 * x**2
     if estimator == "abs":
         return x.abs()
-    if estimator in ("k1+", "k3+"):
-        value = k1 if estimator == "k1+" else k3
-        return value.detach() + k2 - k2.detach()
-    raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)} (aliases {', '.join(_ALIASES)})")
+    xk3 = clamped(20.0)
+    k3 = (torch.exp(xk3) - 1 - xk3).clamp(-10.0, 10.0)
+    if estimator == "k3":
+        return k3
+    value = -x if estimator == "k1+" else k3
+    k2 = 0.5 * x**2
+    return value.detach() + k2 - k2.detach()
 
 
 def adaptive_kl_beta(beta: float, kl: float, target: float, n_steps: float, horizon: float) -> float:
@@ -68,18 +88,19 @@ class KLPenalty:
     ``controller``: "fixed" (default) or "adaptive" (Ziegler et al., arXiv:1909.08593): after each step beta
     moves by :func:`adaptive_kl_beta` with the token-mean KL and the number of sequences seen since the
     previous step (our choice: verl's controller drives the KL-in-reward coefficient; here it drives the
-    KL-loss coefficient). Reads ``ref_logp`` unless beta is 0.
+    KL-loss coefficient). ``log_ratio_clamp``: see :func:`kl_estimate` (default: only k3 clamps, as in verl).
+    Reads ``ref_logp`` unless beta is 0.
     """
 
     def __init__(self, beta: float = 0.04, estimator: str = "k3", controller: str = "fixed",
-                 target_kl: float = 0.1, horizon: float = 10000):
-        kl_estimate(torch.zeros(1), torch.zeros(1), estimator)  # validate the name now, not mid-run
+                 target_kl: float = 0.1, horizon: float = 10000, log_ratio_clamp: float | None = None):
+        kl_estimate(torch.zeros(1), torch.zeros(1), estimator, log_ratio_clamp=log_ratio_clamp)  # validate now, not mid-run
         if controller not in ("fixed", "adaptive"):
             raise ValueError(f"kl controller must be 'fixed' or 'adaptive', got {controller!r}")
         if controller == "adaptive":
             adaptive_kl_beta(beta, 0.0, target_kl, 0, horizon)  # validate target/horizon now
         self.beta = beta
-        self.estimator = estimator
+        self.estimator, self.log_ratio_clamp = estimator, log_ratio_clamp
         self.controller, self.target_kl, self.horizon = controller, target_kl, horizon
         self._kl_sum = self._tokens = self._seqs = 0.0
 
@@ -92,7 +113,7 @@ class KLPenalty:
             return torch.zeros_like(out.logp), {}
         if batch.ref_logp is None:
             raise ValueError("the kl regularizer needs reference log-probs (rollouts.ref_logp)")
-        kl = kl_estimate(out.logp, batch.ref_logp, self.estimator)
+        kl = kl_estimate(out.logp, batch.ref_logp, self.estimator, log_ratio_clamp=self.log_ratio_clamp)
         if self.controller == "adaptive":
             self._kl_sum += float((kl.detach() * mask).sum())
             self._tokens += float(mask.sum())
@@ -178,11 +199,12 @@ class AccuracyConditionedKL:
     provides = ("akl_batch_accuracy",)
 
     def __init__(self, beta_min: float = 0.0, beta_max: float = 0.002, center: float = 0.5, kappa: float = 10.0,
-                 estimator: str = "k3"):
+                 estimator: str = "k3", log_ratio_clamp: float | None = None):
         if beta_max < beta_min:
             raise ValueError(f"fg_expo_akl needs beta_max >= beta_min, got {beta_max} < {beta_min}")
-        kl_estimate(torch.zeros(1), torch.zeros(1), estimator)  # validate the name now
+        kl_estimate(torch.zeros(1), torch.zeros(1), estimator, log_ratio_clamp=log_ratio_clamp)  # validate now
         self.beta_min, self.beta_max, self.center, self.kappa, self.estimator = beta_min, beta_max, center, kappa, estimator
+        self.log_ratio_clamp = log_ratio_clamp
 
     def requires(self) -> tuple[str, ...]:
         return ("rewards", "akl_batch_accuracy") + (("ref_logp",) if self.beta_max > 0 else ())
@@ -203,7 +225,7 @@ class AccuracyConditionedKL:
             return torch.zeros_like(out.logp), {"akl/beta": torch.tensor(0.0)}
         if batch.ref_logp is None:
             raise ValueError("fg_expo_akl needs reference log-probs (rollouts.ref_logp)")
-        kl = kl_estimate(out.logp, batch.ref_logp.to(out.logp.device), self.estimator)
+        kl = kl_estimate(out.logp, batch.ref_logp.to(out.logp.device), self.estimator, log_ratio_clamp=self.log_ratio_clamp)
         mask = batch.completion_mask.to(out.logp.device)
         return beta * kl, {"akl/beta": torch.tensor(beta), "akl/batch_accuracy": torch.tensor(accuracy),
                            "kl": masked_mean(kl.detach(), mask)}

@@ -11,7 +11,8 @@ from policylab.rewards.math_answer.core import VerifierOptions
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="policylab verify",
-        description="Check whether a model output PRED states the same final answer as GOLD (rules of data_agents_eval.md C1.3).",
+        description="Check whether a model output PRED states the same final answer as GOLD (rules of data_agents_eval.md C1.3). "
+                    "GOLD and PRED may start with '-' (e.g. '-\\frac{1}{2}'); '--' also ends the options.",
     )
     parser.add_argument("gold", metavar="GOLD", help=r"gold answer, e.g. '\frac{1}{2}'")
     parser.add_argument("pred", metavar="PRED", help=r"model output, e.g. 'so the answer is \boxed{0.5}'")
@@ -21,9 +22,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FLAGS = ("--json", "-h", "--help")
+_VALUED = ("--problem", "--timeout")
+
+
+def _values_after_options(argv: list[str]) -> list[str]:
+    """Reorder argv so GOLD/PRED may start with "-" (``-\\frac{1}{2}``, ``-x+1``): our options, then ``--``,
+    then every other word. argparse alone reads such a value as an unknown option; a word that looks like a
+    long option (``--jsn``) is still left to argparse, so a typo stays a usage error."""
+    options: list[str] = []
+    values: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            values.extend(words)
+            break
+        if word in _FLAGS or word.split("=", 1)[0] in _VALUED:
+            options.append(word)
+            if word in _VALUED:
+                options.append(next(words, ""))
+        elif word.startswith("--"):
+            options.append(word)  # an unknown long option: argparse names it
+        else:
+            values.append(word)
+    return options + ["--"] + values
+
+
 def main_verify(argv: list[str]) -> int:
-    """Run the command; exit status 0 = correct, 1 = incorrect (including timeout), 2 = usage error."""
-    args = _parser().parse_args(argv)
+    """Run the command; exit status 0 = correct, 1 = incorrect (including timeout), 2 = usage error.
+
+    ``policylab verify -- GOLD PRED`` and values starting with "-" both work (see :func:`_values_after_options`).
+    """
+    args = _parser().parse_args(_values_after_options(list(argv)))
     if args.timeout <= 0:
         _parser().error("--timeout must be positive")
     from policylab.rewards.math_answer.pool import verify

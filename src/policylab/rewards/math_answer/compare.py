@@ -10,8 +10,9 @@
   the prediction copies an inequality from the problem text;
 * collections: the gold decides — a gold set or list of solutions is matched unordered, a gold tuple
   (point, open pair) ordered; ``±a`` was expanded to a set by the parser;
-* scalars: units (reject two different recognised units), angles (degrees → radians against ``π``),
-  percent (``X%`` ≡ ``X``, and ``X%`` ≡ ``X/100`` because a ``%`` is present), then the number rule:
+* scalars: units (reject two different recognised units), angles (degrees → radians against ``π``, when
+  the gold has the degree mark or the problem is about angles), percent (``X%`` ≡ ``X``; ``X%`` ≡ ``X/100``
+  only when the gold has the ``%`` or the problem says percent), then the number rule:
   exact/symbolic for exact values, 6-decimal rounding only when a decimal literal was written.
 
 Exact values are never accepted by floating evaluation: equality needs SymPy to prove ``a − b = 0``.
@@ -173,7 +174,30 @@ def values_equal(gold: sympy.Basic, pred: sympy.Basic, decimal: bool) -> str | N
     return None
 
 
-def scalars_equal(gold: Scalar, pred: Scalar) -> Verdict:
+# C1.3 Percent / Angles: the conversions need the context to say percent / angle (issue 12): otherwise a
+# guess written as "28%" would win against both 28 and 0.28, and "45°" against any gold equal to pi/4
+_SAYS_PERCENT = re.compile(r"%|\\%|\bper\s?cents?\b|\bpercent(?:age)?s?\b", re.IGNORECASE)
+_SAYS_ANGLE = re.compile(
+    r"\bangles?\b|\bdegrees?\b|\bradians?\b|\\circ|\\angle|\\measuredangle|\\degree|\u00b0|\u2220|"
+    r"\\(?:arc)?(?:sin|cos|tan|cot|sec|csc)(?![a-zA-Z])|\b(?:arc)?(?:sin|cos|tan|cot|sec|csc)\b|\brotat",
+    re.IGNORECASE,
+)
+
+
+def says_percent(problem: str | None) -> bool:
+    return bool(problem) and bool(_SAYS_PERCENT.search(problem))
+
+
+def says_angle(problem: str | None) -> bool:
+    """An angle context: the problem names angles/degrees/radians/trigonometry; an absent problem (None: the
+    hard-case table, the CLI without --problem) leaves a gold in pi free to be an angle (row deg-vs-rad)."""
+    return problem is None or bool(_SAYS_ANGLE.search(problem))
+
+
+def scalars_equal(gold: Scalar, pred: Scalar, problem: str | None = None) -> Verdict:
+    """C1.3 scalar rule. Degrees -> radians only when the gold carries the degree mark or the problem is about
+    angles (:func:`says_angle`); X% -> X/100 only when the gold carries the percent sign or the problem says
+    percent; a bare percent sign against a plain gold is otherwise just dropped (28% = 28, not 0.28)."""
     known = {gold.unit, pred.unit} - {None, "?"}
     if gold.unit not in (None, "?") and pred.unit not in (None, "?") and len(known) == 2:
         return _no("unit_mismatch")
@@ -182,14 +206,15 @@ def scalars_equal(gold: Scalar, pred: Scalar) -> Verdict:
     # C1.3 Angles: a degree marker against an expression in pi -> convert degrees to radians
     if gold.degrees and not pred.degrees and pred_expr.has(sympy.pi) and not gold_expr.has(sympy.pi):
         gold_expr, tag = gold_expr * sympy.pi / 180, "degrees_to_radians"
-    elif pred.degrees and not gold.degrees and gold_expr.has(sympy.pi) and not pred_expr.has(sympy.pi):
+    elif (pred.degrees and not gold.degrees and gold_expr.has(sympy.pi) and not pred_expr.has(sympy.pi)
+          and says_angle(problem)):
         pred_expr, tag = pred_expr * sympy.pi / 180, "degrees_to_radians"
     decimal = gold.decimal or pred.decimal
     attempts = [(gold_expr, pred_expr, tag)]
     # C1.3 Percent: scale by 100 only when a % sign is present on exactly one side
     if gold.percent and not pred.percent:
         attempts.append((gold_expr / 100, pred_expr, "percent_scaled"))
-    elif pred.percent and not gold.percent:
+    elif pred.percent and not gold.percent and says_percent(problem):
         attempts.append((gold_expr, pred_expr / 100, "percent_scaled"))
     for g, p, why in attempts:
         reason = values_equal(g, p, decimal)
@@ -294,7 +319,7 @@ def _relations(gold: Answer, pred: Answer, problem: str | None) -> Verdict:
             if gold_var is not None and pred_var is not None:
                 if gold_var != pred_var:
                     return _no("different_variable")
-                if scalars_equal(gold.sides[-1], pred.sides[-1]).equal:
+                if scalars_equal(gold.sides[-1], pred.sides[-1], problem).equal:
                     return _yes("assignment")
             if len(gold.sides) == 2 and len(pred.sides) == 2 and _equations_proportional(gold, pred):
                 return _yes("equation")
@@ -370,7 +395,7 @@ def _collections(gold: Answer, pred: Answer, problem: str | None) -> Verdict:
     return _no("length_mismatch")
 
 
-def _matrices(gold: Answer, pred: Answer) -> Verdict:
+def _matrices(gold: Answer, pred: Answer, problem: str | None = None) -> Verdict:
     def rows_of(answer):
         if isinstance(answer, MatrixValue):
             return answer.rows
@@ -392,10 +417,10 @@ def _matrices(gold: Answer, pred: Answer) -> Verdict:
         if not (len(gold_rows) == 1 or all(len(row) == 1 for row in gold_rows)) or len(flat) != len(vector):
             return _no("shape_mismatch")
         pairs = zip(vector, flat) if swapped else zip(flat, vector)
-        return _yes("matrix") if all(scalars_equal(g, p).equal for g, p in pairs) else _no("not_equal")
+        return _yes("matrix") if all(scalars_equal(g, p, problem).equal for g, p in pairs) else _no("not_equal")
     if len(gold_rows) != len(pred_rows) or any(len(a) != len(b) for a, b in zip(gold_rows, pred_rows)):
         return _no("shape_mismatch")
-    ok = all(scalars_equal(g, p).equal for grow, prow in zip(gold_rows, pred_rows) for g, p in zip(grow, prow))
+    ok = all(scalars_equal(g, p, problem).equal for grow, prow in zip(gold_rows, pred_rows) for g, p in zip(grow, prow))
     return _yes("matrix") if ok else _no("not_equal")
 
 
@@ -416,7 +441,7 @@ def equivalent(gold: Answer, pred: Answer, problem: str | None = None) -> Verdic
         pred_key = pred.text if isinstance(pred, Text) else text_key(pred.source)
         return _yes("text") if gold_key == pred_key and gold_key else _no("text_mismatch")
     if isinstance(gold, MatrixValue) or isinstance(pred, MatrixValue):
-        return _matrices(gold, pred)
+        return _matrices(gold, pred, problem)
     if isinstance(gold, Relation) or isinstance(pred, Relation):
         # a one-element collection around a relation is the relation itself
         if isinstance(gold, Items) and len(gold.items) == 1:
@@ -426,4 +451,4 @@ def equivalent(gold: Answer, pred: Answer, problem: str | None = None) -> Verdic
         return _relations(gold, pred, problem)
     if isinstance(gold, (Items, SetValue)) or isinstance(pred, (Items, SetValue)):
         return _collections(gold, pred, problem)
-    return scalars_equal(gold, pred)
+    return scalars_equal(gold, pred, problem)

@@ -31,7 +31,8 @@ class Extraction:
     """Candidate answer strings (best first) and the rule that produced them.
 
     ``rule`` is one of ``boxed``, ``boxed_multi``, ``anchor``, ``latex``, ``number``, ``gold``, and for
-    an empty result ``no_answer``, ``empty_box``, ``unclosed_box``.
+    an empty result ``no_answer``, ``empty_box``, ``unclosed_box``, ``hedged`` (the answer is followed by a
+    hedge such as "; or maybe 6").
     """
 
     candidates: tuple[str, ...]
@@ -121,16 +122,22 @@ def _unwrap_nested_box(content: str) -> str:
 
 def extract_boxed(text: str) -> Extraction | None:
     """The last box (joined with close-together earlier boxes), or None if the text has no box at all."""
+    return _extract_boxed_with_end(text)[0]
+
+
+def _extract_boxed_with_end(text: str) -> tuple[Extraction | None, int]:
+    """:func:`extract_boxed` and the index after the last box (where a hedge would follow)."""
     last = _previous_box(text, len(text))
     if last is None:
-        return None
+        return None, len(text)
     if last.end is None:
-        return Extraction((), "unclosed_box")
+        return Extraction((), "unclosed_box"), len(text)
     # a box nested inside an enclosing box: report the enclosing one's content (it is unwrapped below)
     enclosing = _previous_box(text, last.start)
     while enclosing is not None and enclosing.end is not None and enclosing.end >= last.end:
         last = enclosing
         enclosing = _previous_box(text, last.start)
+    end = last.end
     contents = [_unwrap_nested_box(last.content)]
     current = last
     while len(contents) < 16:
@@ -144,10 +151,10 @@ def extract_boxed(text: str) -> Extraction | None:
     contents = [c.strip() for c in contents]
     distinct = list(dict.fromkeys(c for c in contents if c))  # a repeated box is one answer, not two
     if not distinct:
-        return Extraction((), "empty_box")
+        return Extraction((), "empty_box"), end
     if len(distinct) == 1:
-        return Extraction((distinct[0],), "boxed")
-    return Extraction((", ".join(distinct),), "boxed_multi")
+        return Extraction((distinct[0],), "boxed"), end
+    return Extraction((", ".join(distinct),), "boxed_multi"), end
 
 
 _ANCHORS = (
@@ -166,6 +173,32 @@ _LATEX_ENVS = (
 NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|[-+]?\.\d+"
 _NUMBER_WITH_PERCENT = re.compile(r"(?<![\w.])(" + NUMBER + r")(\s*(?:\\?%|percent\b|percentage\b))?")
 _SENTENCE_END = re.compile(r"(?<!\d)\.(?:\s|$)|\.\s|[;!?](?:\s|$)")
+
+
+# A hedge right after the final answer, also across a sentence break ("5; or maybe 6", "\\boxed{5}. But I'm
+# not sure."): the response offers more than one answer, so it states none (issue 12). Only the start of what
+# follows the answer is looked at, so a later check ("Indeed 2 + 3 = 5") or "I hope it is correct" is no hedge.
+_HEDGE_AFTER = re.compile(
+    r"^[\s.,;:!?*$)\]]*(?:(?:but|though|although|and)\s*,?\s+)?(?:i'?m\s+|i\s+am\s+)?(?:"
+    r"or\s*,?\s*(?:maybe|perhaps|possibly|probably|it\s+(?:could|might|may)\s+be|else|alternatively)\b"
+    r"|or\s*[-+$\\(\d]"
+    r"|(?:maybe|perhaps|possibly|probably|alternatively)\b"
+    r"|(?:not\s+(?:sure|certain|confident)|unsure|uncertain)\b)",
+    re.IGNORECASE,
+)
+HEDGE_WINDOW = 200
+
+
+def hedged_after(rest: str) -> bool:
+    """True when the text right after an answer starts by hedging it (see ``_HEDGE_AFTER``)."""
+    return bool(_HEDGE_AFTER.match(rest[:HEDGE_WINDOW]))
+
+
+def _anchor_sentence_end(capture: str) -> int:
+    """Index in an anchor's capture where the answer's first sentence ends (what _anchor_candidates keeps)."""
+    capture_start = len(capture) - len(capture.lstrip().lstrip("*_ "))
+    cut = _SENTENCE_END.search(capture, capture_start)
+    return cut.start() if cut else len(capture)
 
 
 def _anchor_candidates(capture: str) -> list[str]:
@@ -190,14 +223,21 @@ def extract_answer(text: str, *, window: int = 4000, think_end: str | None = "</
     """Candidate final answers of a model response, best first (C1.1 step 1)."""
     if think_end and think_end in text:
         text = text[text.rfind(think_end) + len(think_end) :]
-    boxed = extract_boxed(text)
+    boxed, box_end = _extract_boxed_with_end(text)
     if boxed is not None:
+        if boxed.found and hedged_after(text[box_end : box_end + HEDGE_WINDOW]):
+            return Extraction((), "hedged")
         return boxed
     tail = text[-window:] if window and len(text) > window else text
     candidates: list[str] = []
     rule = None
     for pattern in _ANCHORS:
         matches = list(pattern.finditer(tail))
+        if matches and rule is None:  # the right-most match of the best phrase is the answer; is it hedged?
+            last = matches[-1]
+            after = last.group(1)[_anchor_sentence_end(last.group(1)) :] + tail[last.end() : last.end() + HEDGE_WINDOW]
+            if hedged_after(after):
+                return Extraction((), "hedged")
         for match in reversed(matches):
             candidates.extend(_anchor_candidates(match.group(1)))
         if matches and rule is None:

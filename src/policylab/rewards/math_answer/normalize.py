@@ -8,7 +8,7 @@ Two layers:
   punctuation.  It never decides what the answer *means*; it only makes spellings uniform.
 * :func:`split_scalar_markers` looks at one scalar element (one list item, one side of a relation) and
   takes off what C1.3 treats as annotations rather than value: currency, percent, degree marker, trailing
-  units.  The markers are returned so the comparator can apply the percent / angle / unit rules.
+  units (a closed list plus SI prefix + symbol; any other trailing word is part of the answer).  The markers are returned so the comparator can apply the percent / angle / unit rules.
 
 Everything here is pure string work with bounded regular expressions (no nested quantifiers on the same
 characters), so it runs in linear time even on long inputs.
@@ -220,6 +220,8 @@ _UNIT_SPELLINGS: dict[str, tuple[str, ...]] = {
     "m/s": ("m/s",),
     "celsius": ("celsius",),
     "fahrenheit": ("fahrenheit",),
+    "rad": ("rad", "radian"),
+    "unit": ("unit",),  # "square units", "5 units"
 }
 _UNIT_LOOKUP: dict[str, str] = {}
 for _canon, _names in _UNIT_SPELLINGS.items():
@@ -252,8 +254,8 @@ _TRAILING_WORDS = re.compile(r"(?<=[\d}\s)])\s*((?:[A-Za-z][A-Za-z./]*\.?\s*){1,
 class ScalarMarkers:
     """Annotations taken off one scalar answer element.
 
-    ``unit``: canonical recognised unit (``"cm"``, ``"cm^2"``, ``"dollar"``), ``"?"`` for a stripped but
-    unrecognised unit word, or None.  ``percent``/``degrees``: the answer carried ``%`` / ``°``.
+    ``unit``: canonical recognised unit (``"cm"``, ``"cm^2"``, ``"dollar"``, ``"kJ"``) or None; a trailing word
+    that is not a unit is never stripped (it stays in ``body``).  ``percent``/``degrees``: the answer carried ``%`` / ``°``.
     """
 
     body: str
@@ -262,21 +264,71 @@ class ScalarMarkers:
     unit: str | None = None
 
 
-def canonical_unit(words: str, power: str | None = None) -> str | None:
-    """Canonical name of a unit phrase (``"square meters"`` -> ``"m^2"``), or None if not recognised."""
-    tokens = [t for t in re.split(r"[\s~]+", words.strip().lower().rstrip(".")) if t]
+# SI prefixes (not a/z/y/h-alone ambiguities: "am", "as" are words) and the base symbols they combine with;
+# a bare one-letter base symbol (N, J, W, V, A, K, L, B) is a unit only inside \\text{} (else "3 A" is 3·A)
+_SI_PREFIXES = {"p": "pico", "n": "nano", "u": "micro", "\u00b5": "micro", "\u03bc": "micro", "m": "milli", "c": "centi",
+                "d": "deci", "da": "deca", "h": "hecto", "k": "kilo", "M": "mega", "G": "giga", "T": "tera",
+                "P": "peta", "E": "exa"}
+_SI_BASES = ("m", "g", "s", "L", "l", "Pa", "N", "J", "W", "V", "A", "Hz", "K", "mol", "eV", "Wh", "B", "cal", "\u03a9")
+_SI_SYMBOL = re.compile(
+    "^(" + "|".join(sorted(map(re.escape, _SI_PREFIXES), key=len, reverse=True)) + ")?("
+    + "|".join(sorted(map(re.escape, _SI_BASES), key=len, reverse=True)) + ")$"
+)
+_SI_PREFIX_WORDS = {"pico": "p", "nano": "n", "micro": "u", "milli": "m", "centi": "c", "deci": "d", "deca": "da",
+                    "deka": "da", "hecto": "h", "kilo": "k", "mega": "M", "giga": "G", "tera": "T", "peta": "P"}
+_SI_BASE_WORDS = {"meter": "m", "metre": "m", "gram": "g", "second": "s", "liter": "l", "litre": "l", "joule": "J",
+                  "watt": "W", "volt": "V", "ampere": "A", "amp": "A", "hertz": "Hz", "newton": "N", "pascal": "Pa",
+                  "byte": "B", "calorie": "cal", "mole": "mol", "kelvin": "K", "ohm": "\u03a9", "electronvolt": "eV"}
+
+
+def _si_canonical(prefix: str, base: str) -> str:
+    """``"m" + "L"`` -> ``"ml"`` (liters are spelled l; a result in the closed list takes its canonical name)."""
+    prefix = _SI_PREFIX_WORDS.get(_SI_PREFIXES.get(prefix, ""), prefix)  # µ/μ -> u
+    symbol = prefix + ("l" if base in ("L", "l") else base)
+    return _UNIT_LOOKUP.get(symbol, symbol) if symbol in _UNIT_SPELLINGS else symbol
+
+
+def _si_word(word: str) -> str | None:
+    """``"kilojoules"`` -> ``"kJ"``, ``"joule"`` -> ``"J"`` (lower-case words; plural -s accepted)."""
+    for stem in (word, word[:-1] if word.endswith("s") else None):
+        if not stem:
+            continue
+        for spelled, prefix in (("", ""), *_SI_PREFIX_WORDS.items()):
+            if stem.startswith(spelled) and stem[len(spelled):] in _SI_BASE_WORDS:
+                return _si_canonical(prefix, _SI_BASE_WORDS[stem[len(spelled):]])
+    return None
+
+
+def _unit_token(token: str, explicit: bool) -> str | None:
+    """Canonical unit of one token: the closed list (exact case first), SI prefix + symbol (case-sensitive:
+    mm is milli, Mm mega), the closed list case-insensitively, then SI words; None for any other word."""
+    if token in _UNIT_LOOKUP:
+        return _UNIT_LOOKUP[token]
+    match = _SI_SYMBOL.match(token)
+    if match and (match.group(1) or len(token) > 1 or explicit):
+        return _si_canonical(match.group(1) or "", match.group(2))
+    lower = token.lower()
+    return _UNIT_LOOKUP.get(lower) or _si_word(lower)
+
+
+def canonical_unit(words: str, power: str | None = None, *, explicit: bool = False) -> str | None:
+    """Canonical name of a unit phrase (``"square meters"`` -> ``"m^2"``, ``"kJ"``), or None if it is not a unit.
+
+    ``explicit``: the phrase was written in ``\\text{}``/``\\mathrm{}``, so a one-letter SI symbol counts.
+    """
+    tokens = [t for t in re.split(r"[\s~]+", words.strip().rstrip(".")) if t]
     if not tokens:
         return None
     exponent = power
-    if tokens[0] in _AREA_WORDS and len(tokens) > 1:
+    if tokens[0].lower() in _AREA_WORDS and len(tokens) > 1:
         exponent, tokens = "2", tokens[1:]
-    elif tokens[0] in _VOLUME_WORDS and len(tokens) > 1:
+    elif tokens[0].lower() in _VOLUME_WORDS and len(tokens) > 1:
         exponent, tokens = "3", tokens[1:]
-    if len(tokens) == 2 and tokens[1] in ("per", "hour", "hr", "h") and tokens[0] in ("miles",):
+    if len(tokens) == 2 and tokens[1].lower() in ("per", "hour", "hr", "h") and tokens[0].lower() in ("miles",):
         return "mph"
     if len(tokens) != 1:
         return None
-    base = _UNIT_LOOKUP.get(tokens[0])
+    base = _unit_token(tokens[0], explicit)
     if base is None:
         return None
     return f"{base}^{exponent}" if exponent else base
@@ -307,32 +359,27 @@ def split_scalar_markers(text: str) -> ScalarMarkers:
         if stripped:
             degrees, body = True, stripped
 
-    # trailing units, possibly repeated ("5\text{ cm}^2", "12 hours", "15 sq cm")
+    # trailing units, possibly repeated ("5\\text{ cm}^2", "12 hours", "15 sq cm"). Only recognised units
+    # are taken off (issue 12): any other trailing word ("7 thousand", "25 squared", "5 is wrong") stays in
+    # the body, so the answer only matches a gold that has the same words
     for _ in range(2):
         match = _TRAILING_TEXT.search(body)
         if match and match.start() > 0 and body[: match.start()].strip():
             words, power = match.group(1), match.group(2)
-            if re.search(r"\d", words):  # "\text{13}" is a number, not a unit
+            found = canonical_unit(words, power, explicit=True)
+            if found is None:  # also "\\text{13}": a number, not a unit
                 break
-            found = canonical_unit(words, power)
-            unit = unit if (found is None and unit) else (found or "?")
-            body = body[: match.start()].rstrip()
+            unit, body = found, body[: match.start()].rstrip()
             continue
         match = _TRAILING_WORDS.search(body)
         if match and match.start() > 0 and body[: match.start()].strip():
             words, power = match.group(1), match.group(2)
-            tokens = words.lower().split()
-            if any(t in _MATH_WORDS for t in tokens):
+            if any(t in _MATH_WORDS for t in words.lower().split()):
                 break
             found = canonical_unit(words, power)
-            single_letter = len(words.strip()) == 1
-            if found is None and single_letter:
-                break  # "2 x" is a product with a variable, not "2 units of x"
-            prefix = body[: match.start()].rstrip()
-            if found is None and not re.search(r"[\d}]$", prefix):
+            if found is None:  # "2 x" is a product with a variable; "7 thousand" is not 7
                 break
-            unit = found or ("?" if unit is None else unit)
-            body = prefix
+            unit, body = found, body[: match.start()].rstrip()
             continue
         break
     return ScalarMarkers(body=body.strip(), percent=percent, degrees=degrees, unit=unit)

@@ -12,6 +12,8 @@ Decimal literals are rewritten as exact fractions before SymPy sees them, so eve
 from __future__ import annotations
 
 import re
+from decimal import Decimal
+
 import sympy
 from latex2sympy2_extended import latex2sympy
 from latex2sympy2_extended.latex2sympy2 import ConversionConfig
@@ -41,6 +43,11 @@ _CONVERSION = ConversionConfig(
     lowercase_symbols=False,  # x and X are different variables; text answers are compared case-insensitively
 )
 MAX_SCALAR_CHARS = 2000
+# a plain decimal or integer literal is read exactly without the LaTeX parser, so it may be longer than
+# MAX_SCALAR_CHARS (a box holds at most extract.MAX_BOX_CHARS); Decimal -> ratio is quasi-linear and is not
+# subject to Python's int-from-str digit limit
+MAX_LITERAL_CHARS = 100_000
+_PLAIN_LITERAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 
 
 class ParseError(ValueError):
@@ -285,8 +292,19 @@ def _text_answer(inner: str, source: str) -> Text:
     return Text(text_key(inner), source)
 
 
+def _plain_literal(text: str) -> Scalar | None:
+    """A decimal/integer literal of any length up to MAX_LITERAL_CHARS as an exact Rational, else None."""
+    if len(text) > MAX_LITERAL_CHARS or not _PLAIN_LITERAL.fullmatch(text):
+        return None
+    numerator, denominator = Decimal(text).as_integer_ratio()
+    return Scalar(sympy.Rational(numerator, denominator), text, "." in text)
+
+
 def _parse_scalar(text: str) -> Answer:
     text = text.strip()
+    literal = _plain_literal(text) if len(text) > MAX_SCALAR_CHARS else None
+    if literal is not None:
+        return literal
     if len(text) > MAX_SCALAR_CHARS:
         raise ParseError("answer too long")
     whole_text = _TEXT_WHOLE.match(text)
