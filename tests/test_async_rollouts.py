@@ -63,3 +63,11 @@ def test_async_resume_is_exact_and_a_smaller_bound_drops_the_stale_batch(tmp_pat
 def test_async_without_a_correction_is_refused(tmp_path):
     with pytest.raises(TrainingError, match="rollout_correction"):
         policylab.train("grpo", run_dir=tmp_path / "x", **{**TINY_RUN, "train.steps": 1, "train.async": True})
+
+
+def test_a_synchronous_run_resumes_asynchronously(tmp_path, tiny_arith_model):
+    settings = {**TINY_RUN, **CORRECTION, "train.eval_size": 0}
+    run = policylab.train("grpo", run_dir=tmp_path / "run", **{**settings, "train.steps": 2})
+    policylab.train("grpo", run_dir=run, resume=True, **{"train.steps": 4, "train.async": True})
+    rows = [r for r in _metrics(run) if "loss" in r]
+    assert [r.get("async/staleness") for r in rows] == [None, None, 0, 1]

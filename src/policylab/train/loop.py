@@ -111,7 +111,7 @@ class Trainer:
         if recipe.train.async_:  # after a resume: the generator's copy starts from the resumed weights
             self.async_rollouts = AsyncRollouts(self)
             if resume:
-                self.async_rollouts.load_state_dict(self._resumed_state.get("async", {}))
+                self.async_rollouts.load_state_dict(self._resumed_state.get("async") or {})
         # on resume too: an override (train.steps=200) is now the run's recipe, which `policylab show` and a
         # later resume read; written under a temporary name and renamed, so a crash keeps the previous one
         self.run_dir.mkdir(parents=True, exist_ok=True)
