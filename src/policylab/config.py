@@ -76,6 +76,8 @@ class AlgorithmConfig(Strict):
     aggregate: Component = Component(name="token-mean")
     regularizers: list[Component] = Field(default_factory=list)
     token_weights: list[Component] = Field(default_factory=list)
+    # behaviour-vs-training mismatch: factors multiplied into the per-token loss (algo/rollout_correction.py)
+    rollout_correction: list[Component] = Field(default_factory=list)
     reward_shaping: list[Component] = Field(default_factory=list)
     group_filter: Component | None = None
     annotators: list[Component] = Field(default_factory=list)  # model-driving passes that provide declared fields
@@ -83,7 +85,18 @@ class AlgorithmConfig(Strict):
     mask_truncated: bool = False  # overlong filtering (DAPO ablation; TRL mask_truncated_completions)
 
 
+class DriftGuardConfig(Strict):
+    """Compare the engine's behaviour log-probs with the training forward of the same weights on the same tokens
+    (mean |log pi_behav - log pi_train| per trained token, nats): warn above ``warn``, stop above ``stop``."""
+
+    every: int = Field(10, ge=0)  # at the first step and every N steps; 0 = off
+    warn: float = Field(0.05, gt=0)
+    stop: float = Field(0.5, gt=0)
+
+
 class TrainConfig(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
     steps: int = Field(20, ge=0)
     prompts_per_step: int = Field(4, ge=1)
     micro_batch_size: int = Field(8, ge=1)
@@ -110,6 +123,11 @@ class TrainConfig(Strict):
     progress: bool = True
     # experiment trackers mirroring metrics.jsonl (the optional 'tracking' extra); off by default
     report_to: list[str] = Field(default_factory=list)
+    drift_guard: DriftGuardConfig = DriftGuardConfig()
+    # one-step-off-policy: generate batch k+1 (own copy of the weights, a background thread) while batch k
+    # trains; a batch sampled more than max_staleness policy versions ago is dropped (train/async_rollouts.py)
+    async_: bool = Field(False, alias="async")
+    max_staleness: int = Field(1, ge=0)
 
     @field_validator("save_every")
     @classmethod
@@ -291,7 +309,7 @@ def apply_override(data: dict, dotted: str, value: Any) -> None:
 def _schema_default(parts: list[str]) -> Any:
     """The schema's default at a key path the recipe leaves unset (e.g. ['task'] -> {'name': 'arithmetic'}),
     so 'task.train_size=10' or 'rewards.0.weight=2' work on defaults; {} where the default is not a container."""
-    node: Any = Recipe().model_dump(mode="json")
+    node: Any = Recipe().model_dump(mode="json", by_alias=True)
     for part in parts:
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
@@ -359,6 +377,7 @@ def check_components(recipe: Recipe, where: str) -> None:
     ]
     checks += [("regularizer", c, f"algorithm.regularizers.{i}") for i, c in enumerate(alg.regularizers)]
     checks += [("token_weights", c, f"algorithm.token_weights.{i}") for i, c in enumerate(alg.token_weights)]
+    checks += [("rollout_correction", c, f"algorithm.rollout_correction.{i}") for i, c in enumerate(alg.rollout_correction)]
     checks += [("reward_shaping", c, f"algorithm.reward_shaping.{i}") for i, c in enumerate(alg.reward_shaping)]
     if alg.group_filter is not None:
         checks.append(("group_filter", alg.group_filter, "algorithm.group_filter"))
@@ -382,4 +401,4 @@ def check_components(recipe: Recipe, where: str) -> None:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    return recipe.model_dump(mode="json")
+    return recipe.model_dump(mode="json", by_alias=True)  # train.async, not the attribute name async_

@@ -72,6 +72,15 @@ class TokenWeights(Protocol):
 
 
 @runtime_checkable
+class RolloutCorrection(Protocol):
+    """Behaviour-vs-training mismatch (``algorithm.rollout_correction``): detached factors [B,T] from
+    ``rollouts.behavior_logp`` and the training side (``old_logp``, else sg(outputs.logp)), multiplied into the
+    objective's per-token loss before the regularizers; 1 everywhere when the two log-probs are equal."""
+
+    def __call__(self, outputs: PolicyOutputs, rollouts: Rollouts) -> tuple[Tensor, Metrics]: ...
+
+
+@runtime_checkable
 class Aggregate(Protocol):
     def __call__(self, loss: Tensor, mask: Tensor, norm: Normaliser) -> Tensor: ...  # scalar
 

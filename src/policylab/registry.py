@@ -21,6 +21,7 @@ KINDS = (
     "objective",  # (policy_outputs, rollouts, **params) -> (loss [B,T], metrics)
     "regularizer",  # same contract as objective; its loss is added before aggregation
     "token_weights",  # (policy_outputs, rollouts, **params) -> (weights [B,T], metrics)
+    "rollout_correction",  # (policy_outputs, rollouts, **params) -> (detached factors [B,T], metrics)
     "aggregate",  # (loss [B,T], mask [B,T], normaliser) -> scalar
     "reward",  # (prompt, completion, row, **params) -> float | None
     "reward_shaping",  # (rollouts, **params) -> (reward delta [B], metrics)

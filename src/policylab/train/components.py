@@ -37,6 +37,7 @@ class Components:
                ("algorithm.aggregate", self.update.aggregate)]
         out += [(f"algorithm.regularizers.{i}", c) for i, c in enumerate(self.update.regularizers)]
         out += [(f"algorithm.token_weights.{i}", c) for i, c in enumerate(self.update.token_weights)]
+        out += [(f"algorithm.rollout_correction.{i}", c) for i, c in enumerate(self.update.rollout_correction)]
         out += [(f"algorithm.reward_shaping.{i}", c) for i, c in enumerate(self.reward_shaping)]
         if self.group_filter is not None:
             out.append(("algorithm.group_filter", self.group_filter))
@@ -77,7 +78,8 @@ def stage_list(parts: Components) -> list[tuple[str, list[tuple[str, Any]]]]:
         ("advantage", [("algorithm.advantage", parts.advantage)]),
         ("update", [("algorithm.objective", u.objective), ("algorithm.aggregate", u.aggregate)]
          + [(f"algorithm.regularizers.{i}", c) for i, c in enumerate(u.regularizers)]
-         + [(f"algorithm.token_weights.{i}", c) for i, c in enumerate(u.token_weights)]),
+         + [(f"algorithm.token_weights.{i}", c) for i, c in enumerate(u.token_weights)]
+         + [(f"algorithm.rollout_correction.{i}", c) for i, c in enumerate(u.rollout_correction)]),
     ]
 
 
@@ -110,6 +112,8 @@ def build_components(recipe: Recipe) -> Components:
         aggregate=make("aggregate", alg.aggregate, "algorithm.aggregate"),
         regularizers=[make("regularizer", c, f"algorithm.regularizers.{i}") for i, c in enumerate(alg.regularizers)],
         token_weights=[make("token_weights", c, f"algorithm.token_weights.{i}") for i, c in enumerate(alg.token_weights)],
+        rollout_correction=[make("rollout_correction", c, f"algorithm.rollout_correction.{i}")
+                            for i, c in enumerate(alg.rollout_correction)],
     )
     engine = recipe.rollout.engine
     parts = Components(

@@ -25,7 +25,9 @@ from policylab.sampling.dynamic import NotEnoughInformativeGroups, collect_infor
 from policylab.tasks import Task
 from policylab.train import checkpoint, interrupt, prompt_budget
 from policylab.train.components import Components, build_components, hook
+from policylab.train.async_rollouts import AsyncRollouts
 from policylab.train.context import TrainContext
+from policylab.train.drift_guard import DriftError, check_drift, due, mean_abs_drift
 from policylab.train.errors import TrainingError  # noqa: F401 - re-exported: policylab.train.loop.TrainingError
 from policylab.models.forward import policy_forward, trim
 from policylab.train.logging import RunLogger, batch_metrics, peak_memory_mib
@@ -70,6 +72,10 @@ class Trainer:
         self.bad_steps_in_row = 0
         self.stopped: int | None = None  # the signal number after a graceful stop (see run)
         check_installed(recipe.train.report_to)  # a missing tracker library fails here, before the model loads
+        if recipe.train.async_ and recipe.train.max_staleness > 0 and not recipe.algorithm.rollout_correction:
+            raise TrainingError("train.async with train.max_staleness > 0 trains on batches sampled by older weights; "
+                                "set algorithm.rollout_correction (e.g. [{name: tis, cap: 2.0}]) so the update is "
+                                "importance-corrected against the sampling policy, or train.max_staleness=0")
         self.trackers = Trackers([], self.run_dir, {})  # run() starts the recipe's trackers
         seed_everything(recipe.train.seed)
         self.task: Task = registry.build("task", recipe.task.name, recipe.task.params, where="task")()
@@ -105,6 +111,7 @@ class Trainer:
                                 temperature=self._temperature(), reward=self.parts.rewards, score=self.score,
                                 generate=self.generate_for, total_steps=recipe.train.steps)
         self.logger = RunLogger(self.run_dir, progress=recipe.train.progress, total_steps=recipe.train.steps)
+        self.async_rollouts = None
         if resume:
             self._resume()
         elif (self.run_dir / "metrics.jsonl").exists():
@@ -112,6 +119,10 @@ class Trainer:
                 raise TrainingError(f"run directory {self.run_dir} already holds a run (metrics.jsonl, checkpoints/); "
                                     "continue it with --resume or choose another --run-dir (nothing was overwritten)")
             self._restart("a fresh start")
+        if recipe.train.async_:  # after a resume: the generator's copy starts from the resumed weights
+            self.async_rollouts = AsyncRollouts(self)
+            if resume:
+                self.async_rollouts.load_state_dict(getattr(self, "_resumed_state", {}).get("async") or {})  # {} after a restart
         # on resume too: an override (train.steps=200) is now the run's recipe, which `policylab show` and a
         # later resume read; written under a temporary name and renamed, so a crash keeps the previous one
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -192,14 +203,28 @@ class Trainer:
             metrics.update({k: float(v) for k, v in shaping_metrics.items()})
         return metrics
 
-    def generate_round(self, n_prompts: int, group_offset: int, metrics: dict[str, float]) -> Rollouts:
-        """Sample prompts, generate G completions each and score them (one generation round)."""
+    def generate_round(self, n_prompts: int, group_offset: int, metrics: dict[str, float], *, engine=None, model=None,
+                       step: int | None = None, transforms=None) -> Rollouts:
+        """Sample prompts, generate G completions each and score them (one generation round). ``engine``/``model``:
+        the async generator's copy (default: the trainer's); ``step``: the 0-based step the batch is for."""
+        engine, model = engine or self.parts.engine, model or self.model
+        step = self.step if step is None else step
         indices = self.parts.sampler.next_batch(n_prompts)
         rows = [self.task.train[i] for i in indices]
         t0 = time.perf_counter()
-        sampling = Sampling(**{**self.sampling.__dict__, "transforms": self.sampling_transforms()})
-        batch = self.parts.engine.generate(rows, sampling, group_offset=group_offset)
+        transforms = self.sampling_transforms() if transforms is None else transforms
+        batch = engine.generate(rows, Sampling(**{**self.sampling.__dict__, "transforms": transforms}),
+                                group_offset=group_offset)
         metrics["time/generate_s"] = metrics.get("time/generate_s", 0.0) + time.perf_counter() - t0
+        guard = self.recipe.train.drift_guard
+        # sampling transforms (HAPO's temperature) change the behaviour distribution on purpose: nothing to guard
+        if group_offset == 0 and due(step, guard.every) and batch.behavior_logp is not None and not transforms:
+            drift = mean_abs_drift(batch.behavior_logp, self.score(batch, model=model).logp, batch.completion_mask)
+            metrics["drift/abs_dlogp_mean"] = drift
+            try:
+                check_drift(drift, warn=guard.warn, stop=guard.stop, step=step + 1, warn_fn=self.logger.warn)
+            except DriftError as err:
+                raise TrainingError(str(err)) from None
         t0 = time.perf_counter()
         metrics.update(self.score_rewards(batch))
         metrics["time/reward_s"] = metrics.get("time/reward_s", 0.0) + time.perf_counter() - t0
@@ -208,21 +233,22 @@ class Trainer:
                                 "see the warnings above for the first errors")
         accuracy = torch.nan_to_num(batch.reward_components["accuracy"], nan=0.0)
         pass_rates = [float(accuracy[batch.group == group_offset + k].mean()) for k in range(len(indices))]
-        self.parts.sampler.update({"index": indices, "pass_rate": pass_rates, "step": self.step})
+        self.parts.sampler.update({"index": indices, "pass_rate": pass_rates, "step": step})
         return batch
 
-    def collect(self) -> tuple[Rollouts, dict[str, float]]:
-        """One scored batch; with a group filter, DAPO dynamic sampling (data_agents_eval.md A1)."""
+    def collect(self, **source) -> tuple[Rollouts, dict[str, float]]:
+        """One scored batch; with a group filter, DAPO dynamic sampling (data_agents_eval.md A1). ``source``:
+        generate_round's engine/model/step/transforms (the async generator passes its own)."""
         cfg, rollout_cfg = self.recipe.train, self.recipe.rollout
         metrics: dict[str, float] = {}
         if self.parts.group_filter is None:
-            batch = self.generate_round(cfg.prompts_per_step, 0, metrics)
+            batch = self.generate_round(cfg.prompts_per_step, 0, metrics, **source)
             metrics["groups/filtered_frac"] = 0.0
             return batch, metrics
         per_round = rollout_cfg.gen_prompts_per_round or cfg.prompts_per_step
         try:
             batch, stats = collect_informative_groups(
-                lambda r: self.generate_round(per_round, r * per_round, metrics),
+                lambda r: self.generate_round(per_round, r * per_round, metrics, **source),
                 self.parts.group_filter, cfg.prompts_per_step, rollout_cfg.max_gen_batches)
         except NotEnoughInformativeGroups as err:
             raise TrainingError(str(err)) from None
@@ -253,7 +279,7 @@ class Trainer:
         t_step, cpu_step = time.perf_counter(), time.process_time()
         cfg = self.recipe.train
         self.ctx.step = self.step
-        batch, metrics = self.collect()
+        batch, metrics = self.async_rollouts.next() if self.async_rollouts else self.collect()
         batch = self.prepare(batch)
         t0 = time.perf_counter()
         parts = self.parts.update
@@ -300,6 +326,8 @@ class Trainer:
         rows = self.task.eval[: cfg.eval_size]
         if not rows:
             return {}
+        if self.async_rollouts:  # eval reseeds the global RNG stream the generator thread draws from
+            self.async_rollouts.quiesce()
         max_new = cfg.eval_max_new_tokens or self.sampling.max_new_tokens
         state = torch.get_rng_state()  # evaluation must not move the training sampling RNG stream
         torch.manual_seed(cfg.seed + 7919 * (self.step + 1))  # seeded per step: comparable across recipes
@@ -317,8 +345,10 @@ class Trainer:
         return out
 
     def trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": checkpoint.rng_state(), "update_generator": self.update_generator.get_state(),
+        # first: the batches in flight finish (their RNG draws and sampler updates belong to this checkpoint)
+        pending = self.async_rollouts.state_dict() if self.async_rollouts else None
+        return {"async": pending, "step": self.step, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state(), "update_generator": self.update_generator.get_state(),
                 "components": self.parts.state_dict(), "bad_steps_in_row": self.bad_steps_in_row}
 
     def save(self) -> Path:
@@ -347,6 +377,7 @@ class Trainer:
             raise TrainingError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         self.model.tie_weights()
         state = checkpoint.load_trainer_state(path)
+        self._resumed_state = state
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.update_generator.set_state(state["update_generator"])
@@ -411,6 +442,8 @@ class Trainer:
             err.policylab_reported = True  # the CLI adds no second line
             raise
         finally:
+            if self.async_rollouts:
+                self.async_rollouts.close()
             self.parts.engine.close()
             self.logger.close()
             self.trackers.close()

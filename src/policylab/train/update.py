@@ -22,9 +22,13 @@ class UpdateComponents:
     aggregate: object
     regularizers: list = field(default_factory=list)
     token_weights: list = field(default_factory=list)
+    rollout_correction: list = field(default_factory=list)  # behaviour/training mismatch factors
 
     def wants(self, attribute: str) -> bool:
         return any(getattr(c, attribute, False) for c in [self.objective, *self.regularizers, *self.token_weights])
+
+
+MAX_SUFFIX = "_max"  # metric keys reduced by max over micro-batches, not token-weighted means (rollout_corr/...)
 
 
 class NonFiniteStep(RuntimeError):
@@ -83,6 +87,11 @@ def micro_batch_loss(model, micro: Rollouts, parts: UpdateComponents, norm: Norm
         weights, w_metrics = weighting(out, micro)
         loss_tok = loss_tok * weights
         metrics.update(w_metrics)
+    # the rollout correction reweights the same policy-gradient term (TIS/MIS act on the surrogate, not on KL terms)
+    for correction in parts.rollout_correction:
+        factors, c_metrics = correction(out, micro)
+        loss_tok = loss_tok * factors.detach()
+        metrics.update(c_metrics)
     for reg in parts.regularizers:
         extra, reg_metrics = reg(out, micro)
         loss_tok = loss_tok + extra
@@ -105,6 +114,7 @@ def update_on_batch(model, optimizer, scheduler, batch: Rollouts, parts: UpdateC
     sums: dict[str, float] = defaultdict(float)
     weights: dict[str, float] = defaultdict(float)
     grad_norms, losses = [], []
+    maxima: dict[str, float] = {}
     whole_groups = parts.wants("needs_whole_groups")
     # prefix sharing pays only when a micro-batch holds several rows of one prompt: cut at group boundaries
     micro_whole_groups = whole_groups or share_prompts
@@ -123,7 +133,9 @@ def update_on_batch(model, optimizer, scheduler, batch: Rollouts, parts: UpdateC
                 total_loss += float(loss.detach())
                 w = float(micro.completion_mask.sum())
                 for k, v in metrics.items():
-                    if math.isfinite(v):
+                    if math.isfinite(v) and k.endswith(MAX_SUFFIX):  # a maximum stays a maximum across micro-batches
+                        maxima[k] = max(v, maxima.get(k, v))
+                    elif math.isfinite(v):
                         sums[k] += v * w
                         weights[k] += w
             params = [p for p in model.parameters() if p.grad is not None]
@@ -136,6 +148,7 @@ def update_on_batch(model, optimizer, scheduler, batch: Rollouts, parts: UpdateC
             grad_norms.append(float(norm_value))
             losses.append(total_loss)
     out = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+    out.update(maxima)
     out["loss"] = sum(losses) / len(losses)
     out["grad_norm"] = sum(grad_norms) / len(grad_norms)
     out["optimizer_steps"] = float(len(losses))
