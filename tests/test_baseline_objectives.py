@@ -12,19 +12,9 @@ import torch
 
 from policylab import registry
 from policylab.rollouts import Normaliser, PolicyOutputs
-from policylab.testing import make_rollouts
+from policylab.testing import logp_batch as make_batch, make_rollouts
 
 
-def make_batch(new_logp, old_logp, adv, mask=None):
-    """A batch (policylab.testing.make_rollouts) whose policy log-probs are a leaf tensor; ``adv`` is [B] or [B,T]."""
-    new_logp = torch.as_tensor(new_logp, dtype=torch.float32)
-    b, t = new_logp.shape
-    batch = make_rollouts(lengths=[t] * b, old_logp=torch.as_tensor(old_logp, dtype=torch.float32),
-                          advantages=torch.as_tensor(adv, dtype=torch.float32))
-    if mask is not None:
-        batch.completion_mask = torch.as_tensor(mask, dtype=torch.float32)
-    leaf = new_logp.clone().requires_grad_(True)
-    return batch, leaf
 
 
 def run(name, batch, leaf, **params):

@@ -72,6 +72,18 @@ def make_rollouts(
     )
 
 
+def logp_batch(new_logp, old_logp, adv, mask=None) -> tuple[Rollouts, torch.Tensor]:
+    """(a [B,T] batch with ``old_logp`` and advantages ``adv`` ([B] or [B,T]), the policy log-probs as a leaf
+    tensor that requires grad): the hand-computed objective tests' fixture."""
+    new_logp = torch.as_tensor(new_logp, dtype=torch.float32)
+    b, t = new_logp.shape
+    batch = make_rollouts(lengths=[t] * b, old_logp=torch.as_tensor(old_logp, dtype=torch.float32),
+                          advantages=torch.as_tensor(adv, dtype=torch.float32))
+    if mask is not None:
+        batch.completion_mask = torch.as_tensor(mask, dtype=torch.float32)
+    return batch, new_logp.clone().requires_grad_(True)
+
+
 def random_logp(b: int, width: int, *, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
     """[B,T] plausible log-probs (negative), seeded."""
     g = torch.Generator().manual_seed(seed)
